@@ -1,0 +1,136 @@
+"""The `handprop` command: one subcommand per job, flags in the spirit of makemore."""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .data import load_corpus, make_splits
+from .errors import UserError
+from .models import PRESETS, preset
+from .sample import generate
+from .train import TrainConfig, evaluate, format_losses, train
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def bounded(kind, low, high):
+    """An argparse type: a finite number of kind (int or float) with low <= value <= high."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+        return value
+
+    return parse
+
+
+def add_device(p):
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the tensors live (default cpu)")
+
+
+def build_parser():
+    parser = Parser(prog="handprop", description="Character-level language models with every gradient written by hand.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", help="train a model on a file of items, one per line")
+    t.add_argument("-i", "--input-file", default=None, help="UTF-8 text, one item per line (default: bundled names.txt)")
+    t.add_argument("-o", "--work-dir", default="out", help="where the model is saved (default out)")
+    t.add_argument("--model", default="mlp", choices=list(PRESETS), help="named configuration (default mlp: lecture 4, exercise 4)")
+    t.add_argument("--max-steps", type=bounded(int, 1, 10**9), default=200_000, help="optimisation steps (default 200000)")
+    t.add_argument("-b", "--batch-size", type=bounded(int, 1, 10**6), default=32, help="examples per step (default 32)")
+    t.add_argument("-l", "--lr", type=bounded(float, 1e-9, 100.0), default=0.1, help="learning rate, /10 at --lr-decay-at (default 0.1)")
+    t.add_argument("--lr-decay-at", type=bounded(float, 0.0, 1.0), default=0.5, help="fraction of the steps after which lr drops 10x (default 0.5)")
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="update rule (default sgd)")
+    t.add_argument("-w", "--weight-decay", type=bounded(float, 0.0, 1.0), default=0.0, help="AdamW weight decay (default 0)")
+    t.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=TrainConfig.seed, help="init and batch order seed")
+    t.add_argument("--block-size", type=bounded(int, 1, 256), default=None, help="characters of context (default: the model's)")
+    t.add_argument("--n-embd", type=bounded(int, 1, 4096), default=None, help="embedding size (default: the model's)")
+    t.add_argument("--n-hidden", type=bounded(int, 1, 16384), default=None, help="hidden units per layer (default: the model's)")
+    t.add_argument("--n-layers", type=bounded(int, 1, 64), default=None, help="hidden layers of an mlp (default: the model's)")
+    t.add_argument("--init", default=None, choices=["lecture", "naive"], help="lecture: Kaiming 5/3 + small output; naive: unit randn")
+    t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")
+    t.add_argument("--bn-variance", default=None, choices=["bessel", "biased"], help="BatchNorm normalises with n-1 (lecture) or n (PyTorch)")
+    t.add_argument("--log-every", type=bounded(int, 1, 10**9), default=10_000, help="steps between log lines when not on a terminal")
+    add_device(t)
+    t.set_defaults(run=run_train)
+
+    s = sub.add_parser("sample", help="generate new items from a trained model")
+    s.add_argument("-o", "--work-dir", default="out", help="the trained model's directory (default out)")
+    s.add_argument("-n", "--num-samples", type=bounded(int, 1, 10**6), default=20, help="how many (default 20)")
+    s.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=None, help="fixes the samples (default: random)")
+    s.add_argument("--prefix", default="", help="every sample starts with this text")
+    s.add_argument("--max-length", type=bounded(int, 1, 10**4), default=None, help="characters at most (default: twice the longest training item)")
+    add_device(s)
+    s.set_defaults(run=run_sample)
+
+    e = sub.add_parser("eval", help="loss of a trained model on the full train/val/test splits")
+    e.add_argument("-o", "--work-dir", default="out", help="the trained model's directory (default out)")
+    e.add_argument("-i", "--input-file", default=None, help="the corpus (default: the one it was trained on)")
+    add_device(e)
+    e.set_defaults(run=run_eval)
+    return parser
+
+
+def resolve_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA device here")
+    return name
+
+
+def run_train(args):
+    device = resolve_device(args.device)
+    corpus = load_corpus(args.input_file)
+    bn_bessel = None if args.bn_variance is None else args.bn_variance == "bessel"
+    model_config = preset(
+        args.model, block_size=args.block_size, n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers,
+        init=args.init, batchnorm=False if args.no_batchnorm else None, bessel=bn_bessel,
+    )
+    config = TrainConfig(
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, lr_decay_at=args.lr_decay_at,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed, device=device, log_every=args.log_every,
+    )
+    train(corpus, model_config, config, args.work_dir)
+
+
+def run_sample(args):
+    checkpoint = load_checkpoint(Path(args.work_dir) / "model.safetensors", resolve_device(args.device))
+    generator = torch.Generator(device=args.device)
+    generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
+    config = checkpoint.meta["model_config"]
+    max_length = args.max_length or 2 * checkpoint.meta["longest_item"]
+    names = generate(checkpoint.model, checkpoint.vocab, config["block_size"], args.num_samples, generator, max_length, args.prefix)
+    sys.stdout.write("".join(name + "\n" for name in names))
+
+
+def run_eval(args):
+    checkpoint = load_checkpoint(Path(args.work_dir) / "model.safetensors", resolve_device(args.device))
+    recorded = checkpoint.meta["corpus"]
+    corpus = load_corpus(args.input_file or recorded["path"])
+    if corpus.sha256 != recorded["sha256"]:
+        raise UserError(f"{corpus.path} is not the corpus this model was trained on (its contents differ)")
+    splits = make_splits(corpus, checkpoint.meta["model_config"]["block_size"], vocab=checkpoint.vocab, device=args.device)
+    with torch.inference_mode():
+        print(format_losses(evaluate(checkpoint.model, splits)))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as e:
+        print(f"handprop: error: {e}", file=sys.stderr)
+        return 2
+    return 0

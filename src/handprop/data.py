@@ -1,0 +1,150 @@
+"""Corpus loading and validation, the vocabulary, the lectures' seeded split, batches."""
+
+import hashlib
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+BOUNDARY = "."              # how the start/end token (index 0) is shown
+MAX_ITEM_LENGTH = 1000      # characters; a longer line is almost surely not one item per line
+SPLIT_SEED = 42             # the lectures' random.seed(42) before shuffling the words
+
+
+def bundled_corpus_path():
+    """The names.txt shipped inside the package (32033 names)."""
+    return Path(resources.files("handprop") / "data" / "names.txt")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    items: list             # one string per non-blank line, in file order
+    blank_lines: int        # lines skipped because they were empty or only whitespace
+    sha256: str             # of the file's bytes, so a checkpoint knows its data
+    path: str
+
+
+def load_corpus(path=None):
+    """Read a UTF-8 file with one item per line; any problem is one clear UserError."""
+    path = Path(path) if path is not None else bundled_corpus_path()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"input file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"input path is a directory, not a file: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read input file {path}: {e.strerror}") from None
+    if b"\x00" in raw:
+        raise UserError(f"{path} looks binary (it contains NUL bytes); expected UTF-8 text, one item per line")
+    try:
+        text = raw.decode("utf-8-sig")      # -sig drops a leading byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path} is not valid UTF-8 (byte {e.start}, line {line}); save it as UTF-8") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()                         # a trailing newline does not make a blank item
+    items = [line for line in lines if line.strip()]
+    if not items:
+        raise UserError(f"{path} is empty: it has no non-blank lines")
+    for number, line in enumerate(lines, 1):
+        if len(line) > MAX_ITEM_LENGTH:
+            raise UserError(f"{path} line {number} has {len(line)} characters; items are limited to {MAX_ITEM_LENGTH}")
+    return Corpus(items, len(lines) - len(items), hashlib.sha256(raw).hexdigest(), str(path))
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Index 0 is the boundary token; then the corpus characters, sorted."""
+
+    chars: tuple            # the characters of indices 1..len(chars)
+
+    @classmethod
+    def from_items(cls, items):
+        return cls(tuple(sorted(set("".join(items)))))
+
+    @property
+    def size(self):
+        return len(self.chars) + 1
+
+    def itos(self, i):
+        return BOUNDARY if i == 0 else self.chars[i - 1]
+
+    def encode(self, text):
+        """Characters to indices; an unknown character is a UserError naming it."""
+        stoi = self._stoi()
+        unknown = sorted({c for c in text if c not in stoi})
+        if unknown:
+            raise UserError(f"characters not in the vocabulary: {''.join(unknown)!r} (known: {''.join(self.chars)!r})")
+        return [stoi[c] for c in text]
+
+    def decode(self, indices):
+        """Indices (no boundary tokens) back to text."""
+        return "".join(self.chars[i - 1] for i in indices)
+
+    def _stoi(self):
+        return {c: i + 1 for i, c in enumerate(self.chars)}
+
+
+def split_items(items, seed=SPLIT_SEED):
+    """The lectures' split: shuffle with random.seed(seed), then 80% / 10% / 10%."""
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    n1, n2 = int(0.8 * len(shuffled)), int(0.9 * len(shuffled))
+    train, val, test = shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
+    if not (train and val and test):
+        raise UserError(f"{len(items)} items are too few to make train/val/test splits (need at least 10)")
+    return train, val, test
+
+
+def build_examples(items, vocab, block_size):
+    """Every (context, next index) pair: X (N, block_size), Y (N,); contexts start at the boundary."""
+    contexts, targets = [], []
+    for item in items:
+        context = [0] * block_size
+        for ix in vocab.encode(item) + [0]:
+            contexts.append(context)
+            targets.append(ix)
+            context = context[1:] + [ix]
+    return torch.tensor(contexts, dtype=torch.long).reshape(-1, block_size), torch.tensor(targets, dtype=torch.long)
+
+
+@dataclass
+class Splits:
+    """The three splits of a corpus as example tensors, plus what defines them."""
+
+    vocab: Vocab
+    train_items: list
+    val_items: list
+    test_items: list
+    tensors: dict           # split name -> (X (N, block_size), Y (N,))
+
+    def signature(self):
+        """A hash of the split itself, so a checkpoint can tell it is resumed on the same data."""
+        h = hashlib.sha256()
+        for items in (self.train_items, self.val_items, self.test_items):
+            h.update("\n".join(items).encode() + b"\x00")
+        return h.hexdigest()
+
+
+def make_splits(corpus, block_size, seed=SPLIT_SEED, vocab=None, device="cpu"):
+    """Vocabulary (from the corpus unless given), split, and example tensors on device."""
+    vocab = vocab or Vocab.from_items(corpus.items)
+    train, val, test = split_items(corpus.items, seed)
+    tensors = {}
+    for name, items in (("train", train), ("val", val), ("test", test)):
+        X, Y = build_examples(items, vocab, block_size)
+        tensors[name] = (X.to(device), Y.to(device))
+    return Splits(vocab, train, val, test, tensors)
+
+
+def sample_batch(X, Y, batch_size, generator):
+    """A minibatch drawn uniformly with replacement, as in the lectures."""
+    ix = torch.randint(0, X.shape[0], (batch_size,), generator=generator)
+    ix = ix.to(X.device)
+    return X[ix], Y[ix]                     # (B, block_size), (B,)

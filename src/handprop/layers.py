@@ -1,0 +1,197 @@
+"""Layers with hand-written backward passes, one uniform contract.
+
+    y  = layer.forward(x)      keeps on self only what backward needs
+    dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads
+    layer.parameters()         {name: tensor} in a stable order; layer.grads has the same keys
+
+Every backward here is proven against an autograd twin and finite differences in
+gradcheck.py. Nothing in this file calls autograd.
+"""
+
+import torch
+
+
+class Layer:
+    """The contract; a layer without parameters inherits these defaults."""
+
+    training = True
+    grads = {}  # replaced (never mutated) by backward in layers that have parameters
+
+    def parameters(self):
+        return {}
+
+    def buffers(self):
+        return {}  # state that is not trained by gradients (BatchNorm running stats)
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+
+class Embedding(Layer):
+    """A lookup table of one vector per token (Bengio et al. 2003)."""
+
+    def __init__(self, weight):
+        self.weight = weight                    # (V, E)
+        self.grads = {}
+
+    def forward(self, ix):
+        self.ix = ix                            # (B, T) token indices
+        return self.weight[ix]                  # (B, T, E)
+
+    def backward(self, dout):
+        # dW[v] = sum of dout rows whose index is v; index_add_ keeps repeated indices
+        dweight = torch.zeros_like(self.weight)
+        dweight.index_add_(0, self.ix.reshape(-1), dout.reshape(-1, self.weight.shape[1]))
+        self.grads = {"weight": dweight}
+        return None                             # indices have no gradient
+
+    def parameters(self):
+        return {"weight": self.weight}
+
+
+class Linear(Layer):
+    """y = x @ W + b over the last dimension."""
+
+    def __init__(self, weight, bias=None):
+        self.weight = weight                    # (fan_in, fan_out)
+        self.bias = bias                        # (fan_out,) or None
+        self.grads = {}
+
+    def forward(self, x):
+        self.x = x                              # (..., fan_in)
+        out = x @ self.weight                   # (..., fan_out)
+        return out + self.bias if self.bias is not None else out
+
+    def backward(self, dout):
+        # dW = x^T dout, db = sum of dout over every leading dimension, dx = dout W^T
+        x2d = self.x.reshape(-1, self.weight.shape[0])          # (N, fan_in)
+        dout2d = dout.reshape(-1, self.weight.shape[1])         # (N, fan_out)
+        self.grads = {"weight": x2d.T @ dout2d}
+        if self.bias is not None:
+            self.grads["bias"] = dout2d.sum(0)
+        return dout @ self.weight.T                             # (..., fan_in)
+
+    def parameters(self):
+        return {"weight": self.weight} if self.bias is None else {"weight": self.weight, "bias": self.bias}
+
+
+class BatchNorm1d(Layer):
+    """Batch normalisation (Ioffe & Szegedy 2015) over (B, C) or (B, T, C) inputs.
+
+    bessel=True is the lecture's convention: the batch variance divides by n-1 both to
+    normalise and for the running estimate. bessel=False is PyTorch's: divide by n to
+    normalise, by n-1 for the running estimate. The backward matches whichever was used.
+    """
+
+    def __init__(self, weight, bias, eps=1e-5, momentum=0.001, bessel=True):
+        self.eps, self.momentum, self.bessel = eps, momentum, bessel
+        self.weight = weight                    # (C,) gamma
+        self.bias = bias                        # (C,) beta
+        self.running_mean = torch.zeros_like(weight)
+        self.running_var = torch.ones_like(weight)
+        self.grads = {}
+
+    def forward(self, x):
+        dims = tuple(range(x.ndim - 1))         # every dimension but the channels
+        if self.training:
+            n = x.numel() // x.shape[-1]
+            mean = x.mean(dims, keepdim=True)                           # (1, C) or (1, 1, C)
+            centred = x - mean
+            sum_sq = (centred * centred).sum(dims, keepdim=True)
+            var = sum_sq / (n - 1) if self.bessel else sum_sq / n
+            self._update_running(mean, sum_sq / (n - 1))
+        else:
+            mean, var = self.running_mean, self.running_var
+            centred = x - mean
+        self.inv_std = (var + self.eps) ** -0.5
+        self.xhat = centred * self.inv_std      # same shape as x
+        return self.weight * self.xhat + self.bias
+
+    def _update_running(self, mean, unbiased_var):
+        m = self.momentum
+        self.running_mean.mul_(1 - m).add_(mean.reshape(-1), alpha=m)
+        self.running_var.mul_(1 - m).add_(unbiased_var.reshape(-1), alpha=m)
+
+    def backward(self, dout):
+        dims = tuple(range(dout.ndim - 1))
+        self.grads = {"weight": (dout * self.xhat).sum(dims), "bias": dout.sum(dims)}
+        dxhat = dout * self.weight
+        if not self.training:                   # running stats are constants
+            return dxhat * self.inv_std
+        # dx = inv_std/n * (n*dxhat - sum(dxhat) - c * xhat * sum(dxhat*xhat)), c = n/(n-1) or 1
+        n = dout.numel() // dout.shape[-1]
+        c = n / (n - 1) if self.bessel else 1.0
+        return self.inv_std / n * (
+            n * dxhat - dxhat.sum(dims, keepdim=True) - c * self.xhat * (dxhat * self.xhat).sum(dims, keepdim=True)
+        )
+
+    def parameters(self):
+        return {"weight": self.weight, "bias": self.bias}
+
+    def buffers(self):
+        return {"running_mean": self.running_mean, "running_var": self.running_var}
+
+
+class Tanh(Layer):
+    def forward(self, x):
+        self.out = torch.tanh(x)
+        return self.out
+
+    def backward(self, dout):
+        return (1 - self.out * self.out) * dout  # d tanh(x)/dx = 1 - tanh(x)^2
+
+
+class FlattenConsecutive(Layer):
+    """(B, T, C) -> (B, T/n, C*n): groups n neighbouring positions (van den Oord et al. 2016).
+
+    A group covering the whole sequence drops the time axis: (B, T, C) -> (B, T*C).
+    """
+
+    def __init__(self, n):
+        self.n = n
+
+    def forward(self, x):
+        self.in_shape = x.shape                 # (B, T, C)
+        B, T, C = x.shape
+        out = x.reshape(B, T // self.n, C * self.n)
+        return out.squeeze(1) if out.shape[1] == 1 else out
+
+    def backward(self, dout):
+        return dout.reshape(self.in_shape)      # a reshape moves no numbers
+
+
+class Sequential(Layer):
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dout):
+        for layer in reversed(self.layers):
+            dout = layer.backward(dout)
+        return dout
+
+    def train(self, mode=True):
+        self.training = mode
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def parameters(self):
+        return {f"{i}.{name}": p for i, layer in enumerate(self.layers) for name, p in layer.parameters().items()}
+
+    def buffers(self):
+        return {f"{i}.{name}": b for i, layer in enumerate(self.layers) for name, b in layer.buffers().items()}
+
+    @property
+    def grads(self):
+        return {f"{i}.{name}": g for i, layer in enumerate(self.layers) for name, g in layer.grads.items()}
