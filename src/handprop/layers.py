@@ -157,19 +157,34 @@ class FlattenConsecutive(Layer):
 
 
 class Sequential(Layer):
-    """Layers applied in order; backward runs them in reverse."""
+    """Layers applied in order; backward runs them in reverse.
+
+    With record set, forward keeps every layer's output in self.outputs and backward the
+    gradient of the loss with respect to it in self.output_grads (for diagnostics.py).
+    """
+
+    record = False
 
     def __init__(self, layers):
         self.layers = list(layers)
+        self.outputs, self.output_grads = [], []
 
     def forward(self, x):
+        if self.record:
+            self.outputs = []
         for layer in self.layers:
             x = layer.forward(x)
+            if self.record:
+                self.outputs.append(x)
         return x
 
     def backward(self, dout):
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
+        if self.record:
+            self.output_grads = [None] * len(self.layers)
+        for i in reversed(range(len(self.layers))):
+            if self.record:
+                self.output_grads[i] = dout     # dL/d(output of layer i)
+            dout = self.layers[i].backward(dout)
         return dout
 
     def train(self, mode=True):

@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import save_checkpoint, write_readable_config
 from .data import make_splits, sample_batch
+from .diagnostics import FILENAME as DIAGNOSTICS_FILE, Diagnostics, open_summary_writer
 from .errors import UserError
 from .layers import BatchNorm1d
 from .losses import CrossEntropy
@@ -31,6 +32,8 @@ class TrainConfig:
     seed: int = 2147483647          # init and batch order (the lecture's generator seed)
     device: str = "cpu"             # 'cpu' or 'cuda'
     log_every: int = 10_000         # steps between log lines when output is not a terminal
+    diagnostics_every: int = 0      # steps between recorded statistics (diagnostics.py); 0 records none
+    tensorboard: bool = False       # with diagnostics_every: also log them as TensorBoard events in work_dir
 
 
 @contextmanager
@@ -138,12 +141,22 @@ def train(corpus, model_config, config, work_dir, out=None):
         criterion = CrossEntropy()
         progress = Progress(config.max_steps, config.log_every, out)
         Xtr, Ytr = splits.tensors["train"]
+        diagnostics = None
+        if config.diagnostics_every:
+            writer = open_summary_writer(work_dir) if config.tensorboard else None
+            val_loss = lambda: split_loss(model, *splits.tensors["val"])
+            diagnostics = Diagnostics(model, config.diagnostics_every, config.max_steps, val_loss, writer)
         for step in range(config.max_steps):
+            recording = diagnostics is not None and diagnostics.begin(step)
             Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, generator)
             loss = criterion.forward(model.forward(Xb), Yb)
             model.backward(criterion.backward())
             lr = lecture_lr(step, config.max_steps, config.lr, config.lr_decay_at)
+            if recording:
+                diagnostics.before_update()
             optimizer.step(model.grads, lr)
+            if diagnostics is not None:
+                diagnostics.after_update(step, loss)
             if progress.due(step + 1):
                 progress.update(step + 1, loss.item(), lr)
         recalibrate_batchnorm(model, Xtr)
@@ -160,6 +173,8 @@ def train(corpus, model_config, config, work_dir, out=None):
     }
     save_checkpoint(Path(work_dir) / "model.safetensors", model, meta)
     write_readable_config(Path(work_dir) / "config.json", meta)
+    if diagnostics is not None:
+        diagnostics.finish(Path(work_dir) / DIAGNOSTICS_FILE)
     out.write(format_losses(losses) + "\n")
     return model, losses
 
