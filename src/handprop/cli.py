@@ -11,6 +11,7 @@ from .checkpoint import load_checkpoint
 from .data import load_corpus, make_splits
 from .errors import UserError
 from .models import PRESETS, preset
+from .report import write_report
 from .sample import generate
 from .train import TrainConfig, evaluate, format_losses, train
 
@@ -64,6 +65,9 @@ def build_parser():
     t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")
     t.add_argument("--bn-variance", default=None, choices=["bessel", "biased"], help="BatchNorm normalises with n-1 (lecture) or n (PyTorch)")
     t.add_argument("--log-every", type=bounded(int, 1, 10**9), default=10_000, help="steps between log lines when not on a terminal")
+    t.add_argument("--diagnostics", action="store_true", help="record statistics, then write figures and report.html to the work dir")
+    t.add_argument("--diagnostics-every", type=bounded(int, 1, 10**9), default=None, help="steps between recorded statistics (default max-steps/100)")
+    t.add_argument("--tensorboard", action="store_true", help="log losses and statistics for TensorBoard in the work dir (pip install 'handprop[tensorboard]')")
     add_device(t)
     t.set_defaults(run=run_train)
 
@@ -81,6 +85,11 @@ def build_parser():
     e.add_argument("-i", "--input-file", default=None, help="the corpus (default: the one it was trained on)")
     add_device(e)
     e.set_defaults(run=run_eval)
+
+    d = sub.add_parser("diagnose", help="figures and report.html of a run trained with --diagnostics")
+    d.add_argument("-o", "--work-dir", default="out", help="the trained model's directory, where they are written (default out)")
+    add_device(d)
+    d.set_defaults(run=run_diagnose)
     return parser
 
 
@@ -98,11 +107,23 @@ def run_train(args):
         args.model, block_size=args.block_size, n_embd=args.n_embd, n_hidden=args.n_hidden, n_layers=args.n_layers,
         init=args.init, batchnorm=False if args.no_batchnorm else None, bessel=bn_bessel,
     )
+    recording = args.diagnostics or args.tensorboard or args.diagnostics_every is not None
     config = TrainConfig(
         max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, lr_decay_at=args.lr_decay_at,
         optimizer=args.optimizer, weight_decay=args.weight_decay, seed=args.seed, device=device, log_every=args.log_every,
+        diagnostics_every=(args.diagnostics_every or max(1, args.max_steps // 100)) if recording else 0, tensorboard=args.tensorboard,
     )
     train(corpus, model_config, config, args.work_dir)
+    if args.diagnostics:
+        print_written(write_report(args.work_dir, device))
+
+
+def run_diagnose(args):
+    print_written(write_report(args.work_dir, resolve_device(args.device)))
+
+
+def print_written(paths):
+    sys.stdout.write("wrote " + ", ".join(str(p) for p in paths) + "\n")
 
 
 def run_sample(args):
