@@ -53,28 +53,38 @@ def plot_loss(history):
     return fig
 
 
+def layer_name(label):
+    """'3.Tanh' -> 'layer 3 (Tanh)', as the lecture labels its plots."""
+    index, kind = label.split(".")
+    return f"layer {index} ({kind})"
+
+
 def histogram_line(ax, values, label):
     """A density histogram drawn as a line, so several layers can share one panel (as in the lecture)."""
     density, edges = np.histogram(values.double().reshape(-1).numpy(), bins=BINS, density=True)
     ax.plot((edges[:-1] + edges[1:]) / 2, density, label=label)
 
 
-def two_panels(history, title):
-    """A figure with a panel for the first recorded step and one for the last: [(axes, snapshot prefix, row)]."""
-    fig = Figure(figsize=(14, 4.5))
-    panels = [(ax, prefix, row) for ax, (prefix, row) in zip(fig.subplots(1, 2), (("first", 0), ("last", -1)))]
-    for ax, _, row in panels:
+ROWS = {"first": 0, "last": -1}     # snapshot prefix -> its row among the recorded steps
+
+
+def panels(history, title, which):
+    """A figure with one panel per snapshot in which ('first', 'last'): [(axes, snapshot prefix, row)]."""
+    fig = Figure(figsize=(7 * len(which), 4.5))
+    axes = fig.subplots(1, len(which), squeeze=False)[0]
+    chosen = [(ax, prefix, ROWS[prefix]) for ax, prefix in zip(axes, which)]
+    for ax, _, row in chosen:
         ax.set_title(f"{title}, step {history.steps[row]}")
-    return fig, panels
+    return fig, chosen
 
 
-def plot_activations(history):
+def plot_activations(history, which=("first", "last")):
     """Histograms of every tanh layer's output, with mean, std and saturation in the legend."""
-    fig, panels = two_panels(history, "activations (tanh outputs)")
-    for ax, prefix, row in panels:
+    fig, axes = panels(history, "activations (tanh outputs)", which)
+    for ax, prefix, row in axes:
         for label in history.columns["act_mean"]:
             mean, std, sat = (history.column(s, label)[row] for s in ("act_mean", "act_std", "act_saturation"))
-            histogram_line(ax, history.snapshots[f"{prefix}.act.{label}"], f"layer {label}: mean {mean:+.2f}, std {std:.2f}, saturated {sat:.1f}%")
+            histogram_line(ax, history.snapshots[f"{prefix}.act.{label}"], f"{layer_name(label)}: mean {mean:+.2f}, std {std:.2f}, saturated {sat:.1f}%")
         ax.axvspan(-1, -SATURATION, color="0.9")
         ax.axvspan(SATURATION, 1, color="0.9")          # the saturated bands
         ax.set(xlabel="tanh output", ylabel="density")
@@ -82,22 +92,22 @@ def plot_activations(history):
     return fig
 
 
-def plot_gradients(history):
+def plot_gradients(history, which=("first", "last")):
     """Histograms of the gradient arriving at every tanh layer's output, with mean and std."""
-    fig, panels = two_panels(history, "gradients (dL/d tanh output)")
-    for ax, prefix, row in panels:
+    fig, axes = panels(history, "gradients (dL/d tanh output)", which)
+    for ax, prefix, row in axes:
         for label in history.columns["act_mean"]:
             mean, std = (history.column(s, label)[row] for s in ("grad_mean", "grad_std"))
-            histogram_line(ax, history.snapshots[f"{prefix}.grad.{label}"], f"layer {label}: mean {mean:+.2e}, std {std:.2e}")
+            histogram_line(ax, history.snapshots[f"{prefix}.grad.{label}"], f"{layer_name(label)}: mean {mean:+.2e}, std {std:.2e}")
         ax.set(xlabel="gradient", ylabel="density")
         ax.legend(fontsize=8)
     return fig
 
 
-def plot_weight_gradients(history):
+def plot_weight_gradients(history, which=("first", "last")):
     """Histograms of every weight matrix's gradient, with its std and grad:data ratio."""
-    fig, panels = two_panels(history, "weight gradients")
-    for ax, prefix, row in panels:
+    fig, axes = panels(history, "weight gradients", which)
+    for ax, prefix, row in axes:
         for name in history.columns["grad_data"]:
             grad = history.snapshots[f"{prefix}.weight_grad.{name}"]
             ratio = history.column("grad_data", name)[row]
