@@ -95,36 +95,31 @@ class BatchNorm1d(Layer):
     def forward(self, x):
         dims = tuple(range(x.ndim - 1))         # every dimension but the channels
         if self.training:
-            n = x.numel() // x.shape[-1]
+            n = float(x.numel() // x.shape[-1])
             mean = x.mean(dims, keepdim=True)                           # (1, C) or (1, 1, C)
             centred = x - mean
             sum_sq = (centred * centred).sum(dims, keepdim=True)
-            var = sum_sq / (n - 1) if self.bessel else sum_sq / n
-            self._update_running(mean, sum_sq / (n - 1))
+            var = sum_sq / (n - 1.0) if self.bessel else sum_sq / n
+            self.running_mean.lerp_(mean.reshape(-1), self.momentum)    # (1-m)*running + m*batch
+            self.running_var.lerp_(sum_sq.reshape(-1) / (n - 1.0), self.momentum)  # always unbiased
         else:
-            mean, var = self.running_mean, self.running_var
-            centred = x - mean
+            centred = x - self.running_mean
+            var = self.running_var
         self.inv_std = (var + self.eps) ** -0.5
         self.xhat = centred * self.inv_std      # same shape as x
         return self.weight * self.xhat + self.bias
 
-    def _update_running(self, mean, unbiased_var):
-        m = self.momentum
-        self.running_mean.mul_(1 - m).add_(mean.reshape(-1), alpha=m)
-        self.running_var.mul_(1 - m).add_(unbiased_var.reshape(-1), alpha=m)
-
     def backward(self, dout):
         dims = tuple(range(dout.ndim - 1))
-        self.grads = {"weight": (dout * self.xhat).sum(dims), "bias": dout.sum(dims)}
-        dxhat = dout * self.weight
+        dweight, dbias = (dout * self.xhat).sum(dims), dout.sum(dims)     # (C,), (C,)
+        self.grads = {"weight": dweight, "bias": dbias}
         if not self.training:                   # running stats are constants
-            return dxhat * self.inv_std
-        # dx = inv_std/n * (n*dxhat - sum(dxhat) - c * xhat * sum(dxhat*xhat)), c = n/(n-1) or 1
-        n = dout.numel() // dout.shape[-1]
+            return dout * (self.weight * self.inv_std)
+        n = float(dout.numel() // dout.shape[-1])
         c = n / (n - 1) if self.bessel else 1.0
-        return self.inv_std / n * (
-            n * dxhat - dxhat.sum(dims, keepdim=True) - c * self.xhat * (dxhat * self.xhat).sum(dims, keepdim=True)
-        )
+        # the lecture's exercise 3: dx = gamma*inv_std/n * (n*dout - sum(dout) - c*xhat*sum(dout*xhat)),
+        # c = n/(n-1) for the Bessel-corrected variance, 1 for the biased one
+        return (self.weight * self.inv_std / n) * (n * dout - dbias - self.xhat * (c * dweight))
 
     def parameters(self):
         return {"weight": self.weight, "bias": self.bias}
@@ -139,7 +134,7 @@ class Tanh(Layer):
         return self.out
 
     def backward(self, dout):
-        return (1 - self.out * self.out) * dout  # d tanh(x)/dx = 1 - tanh(x)^2
+        return (1.0 - self.out * self.out) * dout  # d tanh(x)/dx = 1 - tanh(x)^2
 
 
 class FlattenConsecutive(Layer):

@@ -1,0 +1,71 @@
+"""The corpus, the vocabulary and the lectures' split, asserted exactly."""
+
+import hashlib
+
+import pytest
+import torch
+
+from handprop.data import Vocab, build_examples, bundled_corpus_path, load_corpus, make_splits, split_items
+from handprop.errors import UserError
+
+
+def test_bundled_corpus_is_the_reference_names_txt():
+    raw = bundled_corpus_path().read_bytes()
+    assert len(raw) == 228145
+    assert hashlib.sha256(raw).hexdigest() == "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+    corpus = load_corpus()
+    assert len(corpus.items) == 32033 and corpus.blank_lines == 0
+    assert max(len(w) for w in corpus.items) == 15
+
+
+def test_vocabulary_is_boundary_then_sorted_letters():
+    vocab = Vocab.from_items(load_corpus().items)
+    assert vocab.size == 27 and vocab.itos(0) == "." and vocab.itos(1) == "a" and vocab.itos(26) == "z"
+    assert vocab.encode("emma") == [5, 13, 13, 1] and vocab.decode([5, 13, 13, 1]) == "emma"
+
+
+def test_the_lecture_split_exactly():
+    train, val, test = split_items(load_corpus().items)
+    assert (len(train), len(val), len(test)) == (25626, 3203, 3204)
+    assert train[:5] == ["yuheng", "diondre", "xavien", "jori", "juanluis"]
+    splits = make_splits(load_corpus(), block_size=3)
+    assert [X.shape[0] for X, _ in splits.tensors.values()] == [182625, 22655, 22866]
+    assert [Y.shape[0] for _, Y in splits.tensors.values()] == [182625, 22655, 22866]
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 5, 8, 20])
+def test_examples_for_any_block_size(block_size):
+    vocab = Vocab.from_items(["ab", "c"])
+    X, Y = build_examples(["ab", "c"], vocab, block_size)
+    assert X.shape == (5, block_size) and Y.tolist() == [1, 2, 0, 3, 0]
+    assert X[0].tolist() == [0] * block_size                    # every item starts from the boundary
+    assert X[1, -1].item() == 1 and X[3].tolist() == [0] * block_size  # ...and never sees the previous item
+    assert X.dtype == torch.long
+
+
+def test_crlf_bom_and_blank_lines(tmp_path):
+    path = tmp_path / "names.txt"
+    path.write_bytes("\ufeffanna\r\n\r\n  \r\nbob\r\nzoë\r\n".encode())
+    corpus = load_corpus(path)
+    assert corpus.items == ["anna", "bob", "zoë"] and corpus.blank_lines == 2
+    assert Vocab.from_items(corpus.items).chars == ("a", "b", "n", "o", "z", "ë")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"\n \n\t\n", "empty"),
+    (b"ann\xff\xfebob\n", "not valid UTF-8 (byte 3, line 1)"),
+    (b"ann\x00bob\n", "NUL"),
+])
+def test_bad_files_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "input.txt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_corpus(path)
+
+
+def test_missing_file_and_unknown_characters(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_corpus(tmp_path / "nope.txt")
+    with pytest.raises(UserError, match="'!'"):
+        Vocab(("a", "b")).encode("ab!")

@@ -1,0 +1,63 @@
+"""Training end to end: autograd stays off, eval repeats training's numbers, sampling is pure."""
+
+import torch
+
+from handprop.checkpoint import load_checkpoint
+from handprop.cli import main
+from handprop.data import load_corpus, split_items
+from handprop.losses import CrossEntropy
+from handprop.models import preset
+from handprop.sample import generate
+from handprop.train import TrainConfig, train
+
+
+def test_training_runs_with_autograd_disabled(tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("autograd was called during training")
+
+    monkeypatch.setattr(torch.Tensor, "backward", forbidden)
+    monkeypatch.setattr(torch.autograd, "backward", forbidden)
+    monkeypatch.setattr(torch.autograd, "grad", forbidden)
+    modes = []
+    original_forward = CrossEntropy.forward
+
+    def spying_forward(self, logits, targets):
+        modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), logits.requires_grad))
+        return original_forward(self, logits, targets)
+
+    monkeypatch.setattr(CrossEntropy, "forward", spying_forward)
+    model, losses = train(load_corpus(), preset("mlp"), TrainConfig(max_steps=50, log_every=25), tmp_path)
+    assert len(modes) >= 50 and all(m == (True, False, False) for m in modes)
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters().values())
+    assert losses["train"] < 3.2958                              # it learned something: below ln 27
+
+
+def test_eval_prints_the_losses_training_printed(trained_dir, capsys):
+    train_lines = (trained_dir / "train.log").read_text().splitlines()
+    assert main(["eval", "-o", str(trained_dir)]) == 0
+    eval_line = capsys.readouterr().out.strip()
+    assert eval_line == train_lines[-1] and eval_line.startswith("train loss ")
+    assert (trained_dir / "config.json").is_file()
+
+
+def test_sample_prints_n_names(trained_dir, capsys):
+    assert main(["sample", "-o", str(trained_dir), "-n", "20", "--seed", "3"]) == 0
+    names = capsys.readouterr().out.splitlines()
+    assert len(names) == 20 and all(names) and all(set(n) <= set("abcdefghijklmnopqrstuvwxyz") for n in names)
+
+
+def test_samples_are_mostly_new_and_sampling_leaves_batchnorm_alone(trained_dir):
+    checkpoint = load_checkpoint(trained_dir / "model.safetensors")
+    buffers = {k: v.clone() for k, v in checkpoint.model.buffers().items()}
+    assert buffers                                              # the default model has BatchNorm
+    names = generate(checkpoint.model, checkpoint.vocab, 3, 1000, torch.Generator().manual_seed(0), max_length=30)
+    train_names = set(split_items(load_corpus().items)[0])
+    assert len(names) == 1000 and sum(n not in train_names for n in names) >= 500
+    for k, v in checkpoint.model.buffers().items():
+        assert torch.equal(v, buffers[k]), k
+    assert checkpoint.model.training                            # the mode it had before sampling
+
+
+def test_sampling_with_a_prefix(trained_dir, capsys):
+    assert main(["sample", "-o", str(trained_dir), "-n", "5", "--seed", "1", "--prefix", "ma"]) == 0
+    assert all(n.startswith("ma") for n in capsys.readouterr().out.splitlines())
