@@ -10,7 +10,9 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import load_corpus, make_splits
 from .errors import UserError
+from .grade import run_script
 from .models import PRESETS, preset
+from .ninja import check_report, grade
 from .sample import generate
 from .train import TrainConfig, evaluate, format_losses, train
 
@@ -81,6 +83,13 @@ def build_parser():
     e.add_argument("-i", "--input-file", default=None, help="the corpus (default: the one it was trained on)")
     add_device(e)
     e.set_defaults(run=run_eval)
+
+    c = sub.add_parser("check", help="prove every hand-written gradient against autograd (the lecture's exercises, every layer)")
+    c.set_defaults(run=run_check)
+
+    g = sub.add_parser("grade", help="run a learner's backprop-ninja script and grade the gradients it defines")
+    g.add_argument("solution", help="a Python script that leaves the lecture's names behind (C, W1, ..., Xb, Yb, dlogprobs, ..., dC)")
+    g.set_defaults(run=run_grade)
     return parser
 
 
@@ -126,11 +135,20 @@ def run_eval(args):
         print(format_losses(evaluate(checkpoint.model, splits)))
 
 
+def run_check(args):
+    report, ok = check_report()
+    print(report)
+    return 0 if ok else 1
+
+
+def run_grade(args):
+    return 0 if grade(run_script(args.solution)).ok else 1
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except UserError as e:
         print(f"handprop: error: {e}", file=sys.stderr)
         return 2
-    return 0

@@ -48,26 +48,34 @@ class GradeResult:
         return next(r for r in self.rows if r.name == name)
 
     def table(self):
-        """The rows as text: a forward section, a gradient section and a summary line."""
-        titles = {
-            "forward": "forward pass: each intermediate recomputed from your tensors",
-            "gradient": "gradients: compared with autograd through your forward (float64)",
-        }
-        lines, summary = [], []
-        for section, title in titles.items():
-            rows = [r for r in self.rows if r.section == section]
-            lines.append(title)
-            for r in rows:
-                maxdiff = "" if r.maxdiff is None else f"maxdiff {r.maxdiff:.1e}"
-                status = "WRONG" if r.status == "wrong" else r.status
-                lines.append(f"  {r.name:16s} {status:8s} {maxdiff:16s} {r.message}".rstrip())
-            counts = {s: sum(r.status == s for r in rows) for s in ("ok", "wrong", "follows", "missing")}
-            summary.append(f"{section}: " + ", ".join(f"{c} {s}" for s, c in counts.items() if c))
-        lines.append("; ".join(summary) + (" -- all right" if self.ok else " -- fix the WRONG rows first"))
+        """The rows as text: forward problems, one line per gradient, and a summary line."""
+        forward = [r for r in self.rows if r.section == "forward"]
+        gradients = [r for r in self.rows if r.section == "gradient"]
+        defined = [r for r in forward if r.status != "missing"]
+        lines = [f"forward pass: {sum(r.status == 'ok' for r in defined)} of the {len(defined)} intermediates you defined match"
+                 " a recomputation from your inputs to their step"]
+        lines += [format_row(r) for r in defined if r.status != "ok"]
+        missing = [r.name for r in forward if r.status == "missing"]
+        if missing:
+            lines.append(f"  not defined, recomputed from your other tensors: {', '.join(missing)}")
+        lines.append("gradients: compared with autograd through your forward pass (in float64)")
+        lines += [format_row(r) for r in gradients]
+        counts = {s: sum(r.status == s for r in gradients) for s in ("ok", "wrong", "follows", "missing")}
+        lines.append(
+            f"forward: {sum(r.status == 'wrong' for r in forward)} wrong; gradients: "
+            + ", ".join(f"{count} {status}" for status, count in counts.items() if count)
+            + (" -- all right" if self.ok else " -- fix the WRONG rows first")
+        )
         return "\n".join(lines)
 
     def __repr__(self):
         return f"GradeResult(ok={self.ok}, wrong={self.wrong})"
+
+
+def format_row(r):
+    maxdiff = "" if r.maxdiff is None else f"maxdiff {r.maxdiff:.1e}"
+    status = "WRONG" if r.status == "wrong" else r.status
+    return f"  {r.name:16s} {status:8s} {maxdiff:16s} {r.message}".rstrip()
 
 
 def grade_namespace(namespace, file=None):
@@ -115,7 +123,10 @@ def learner_inputs(namespace):
     tensors = {name: as_float64(namespace[name]) for name in PARAMETER_NAMES}
     Xb, Yb = namespace["Xb"].detach().cpu(), namespace["Yb"].detach().cpu()
     if Xb.is_floating_point() or Yb.is_floating_point() or Xb.ndim != 2 or Yb.shape != (Xb.shape[0],):
-        raise UserError(f"Xb and Yb must be integer tensors of shape (n, block_size) and (n,), got {tuple(Xb.shape)} {Xb.dtype} and {tuple(Yb.shape)} {Yb.dtype}")
+        raise UserError(
+            "Xb and Yb must be integer tensors of shapes (n, block_size) and (n,), "
+            f"got {tuple(Xb.shape)} {Xb.dtype} and {tuple(Yb.shape)} {Yb.dtype}"
+        )
     return {**tensors, "Xb": Xb, "Yb": Yb}
 
 

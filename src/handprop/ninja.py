@@ -8,6 +8,7 @@ Each result is compared with autograd in the lecture's `cmp` format. Autograd ap
 only to compute those reference gradients.
 """
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import Vocab, build_examples, load_corpus, split_items
+from .gradcheck import check_layers
 
 N_EMBD = 10                 # embedding size per character
 N_HIDDEN = 64               # hidden units
@@ -34,21 +36,30 @@ GRADIENT_NAMES = (
 )
 
 
-def lecture_setup(dtype=torch.float32):
-    """The lecture's parameters (4137 numbers, none trivially 0 or 1) and one training batch Xb, Yb."""
+@functools.cache
+def training_examples():
+    """The lecture's training split of the bundled names.txt as examples (built once), and the vocabulary size."""
     items = load_corpus().items
     vocab = Vocab.from_items(items)
     Xtr, Ytr = build_examples(split_items(items)[0], vocab, BLOCK_SIZE)     # (182625, 3), (182625,)
+    return Xtr, Ytr, vocab.size
+
+
+def lecture_setup(dtype=torch.float32):
+    """The lecture's parameters (4137 numbers, none trivially 0 or 1) and one training batch Xb, Yb."""
+    Xtr, Ytr, vocab_size = training_examples()
     g = torch.Generator().manual_seed(SEED)
     fan_in = N_EMBD * BLOCK_SIZE
     t = {
-        "C": torch.randn(vocab.size, N_EMBD, generator=g),                                  # (27, 10)
+        "C": torch.randn(vocab_size, N_EMBD, generator=g),                                  # (27, 10)
         "W1": torch.randn(fan_in, N_HIDDEN, generator=g) * (5 / 3) / math.sqrt(fan_in),     # (30, 64)
         "b1": torch.randn(N_HIDDEN, generator=g) * 0.1,                                     # (64,)
-        "W2": torch.randn(N_HIDDEN, vocab.size, generator=g) * 0.1,                         # (64, 27)
-        "b2": torch.randn(vocab.size, generator=g) * 0.1,                                   # (27,)
+        "W2": torch.randn(N_HIDDEN, vocab_size, generator=g) * 0.1,                         # (64, 27)
+        "b2": torch.randn(vocab_size, generator=g) * 0.1,                                   # (27,)
     }
-    ix = torch.randint(0, Xtr.shape[0], (BATCH_SIZE,), generator=g)    # the lecture's batch, drawn after b2
+    ix = torch.randint(0, Xtr.shape[0], (BATCH_SIZE,), generator=g)
+    # C, W1, b1, W2, b2 and the batch are the lecture's exactly; it drew the BatchNorm gain and bias
+    # from the unseeded global generator, so here they come from g, after the batch
     t["bngain"] = 1.0 + 0.1 * torch.randn(1, N_HIDDEN, generator=g)                         # (1, 64)
     t["bnbias"] = 0.1 * torch.randn(1, N_HIDDEN, generator=g)                               # (1, 64)
     t = {name: p.to(dtype) for name, p in t.items()}
@@ -230,6 +241,35 @@ def format_cmp(rows):
             + ("ok" if r.ok else "FAIL")
         )
     return "\n".join(lines)
+
+
+def format_layer_rows(rows):
+    """gradcheck's float64 rows as a table: layer | gradient | vs autograd | vs finite differences | pass mark."""
+    lines = [f"{'layer':28s} | {'grad':9s} | {'maxdiff':>8s} | {'relative':>8s} | {'fd relerr':>9s} |"]
+    for r in rows:
+        relative = r.autograd_maxdiff / r.scale if r.scale else r.autograd_maxdiff
+        lines.append(
+            f"{r.layer:28s} | {r.tensor:9s} | {r.autograd_maxdiff:8.1e} | {relative:8.1e} | {r.fd_relerr:9.1e} | "
+            + ("ok" if r.ok else "FAIL")
+        )
+    return "\n".join(lines)
+
+
+def check_report():
+    """The text `handprop check` prints, and whether every row passed."""
+    exercises = check_exercises()
+    layer_rows = check_layers()
+    sections = [f"{title} (float32, against autograd)\n{format_cmp(rows)}" for title, rows in exercises.items()]
+    sections.append(
+        "every layer and the loss (float64; maxdiff against an autograd twin, relative to its largest entry;"
+        " fd relerr against centred finite differences)\n" + format_layer_rows(layer_rows)
+    )
+    rows = [r for rows in exercises.values() for r in rows] + layer_rows
+    failed = sum(not r.ok for r in rows)
+    summary = f"{len(rows) - len(layer_rows)} float32 rows and {len(layer_rows)} float64 rows: " + (
+        "all pass" if not failed else f"{failed} FAIL"
+    )
+    return "\n\n".join(sections + [summary]), failed == 0
 
 
 def grade(namespace, file=None):
