@@ -46,6 +46,11 @@ PITFALLS = {
         "dbndiff2 = 1 / n * torch.ones_like(bndiff2) * dbnvar",
         "dbndiff2", "factor (n-1)/n", {"dbndiff", "dembcat", "dW1", "demb", "dC"},
     ),
+    "transposed matrix product": (
+        "dW2 = h.T @ dlogits",
+        "dW2 = dlogits.T @ h",
+        "dW2", "it is transposed", set(),
+    ),
     "biased variance in the forward": (
         "bnvar = 1 / (n - 1) * bndiff2.sum(0, keepdim=True)",
         "bnvar = bndiff2.mean(0, keepdim=True)",
