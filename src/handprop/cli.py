@@ -13,7 +13,9 @@ import torch
 from .checkpoint import load_checkpoint
 from .data import load_corpus, make_splits
 from .errors import UserError
+from .grade import run_script
 from .models import PRESETS, config_from_dict, preset
+from .ninja import check_report, grade
 from .sample import generate
 from .train import LATEST, Interrupted, TrainConfig, evaluate, format_losses, train
 
@@ -86,6 +88,13 @@ def build_parser():
     e.add_argument("-i", "--input-file", default=None, help="the corpus (default: the one it was trained on)")
     add_device(e)
     e.set_defaults(run=run_eval)
+
+    c = sub.add_parser("check", help="prove every hand-written gradient against autograd (the lecture's exercises, every layer)")
+    c.set_defaults(run=run_check)
+
+    g = sub.add_parser("grade", help="run a learner's backprop-ninja script and grade the gradients it defines")
+    g.add_argument("solution", help="a Python script that leaves the lecture's names behind (C, W1, ..., Xb, Yb, dlogprobs, ..., dC)")
+    g.set_defaults(run=run_grade)
     return parser
 
 
@@ -169,10 +178,20 @@ def run_eval(args):
         print(format_losses(evaluate(checkpoint.model, splits)))
 
 
+def run_check(args):
+    report, ok = check_report()
+    print(report)
+    return 0 if ok else 1
+
+
+def run_grade(args):
+    return 0 if grade(run_script(args.solution)).ok else 1
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except UserError as e:
         print(f"handprop: error: {e}", file=sys.stderr)
         return 2
@@ -185,4 +204,3 @@ def main(argv=None):
     except BrokenPipeError:                 # `handprop sample | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
         return 128 + signal.SIGPIPE
-    return 0
