@@ -16,7 +16,7 @@ from handprop.cli import main
 from handprop.errors import UserError
 from handprop.losses import CrossEntropy
 
-RUN = ["--max-steps", "1500", "--save-every", "40", "--log-every", "1", "--n-hidden", "64"]
+RUN = ["--max-steps", "1500", "--save-every", "100", "--log-every", "1", "--n-hidden", "64"]
 
 
 def handprop(*args):

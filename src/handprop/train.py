@@ -19,7 +19,7 @@ from .losses import CrossEntropy
 from .models import build_model, count_parameters
 from .optim import lecture_lr, make_optimizer
 
-EVAL_CHUNK = 32768          # examples per forward pass when evaluating a whole split
+EVAL_CHUNK = 4096           # examples per forward pass when evaluating: small enough to stay in cache
 LATEST, BEST = "model.safetensors", "best.safetensors"  # checkpoint file names in the work directory
 
 
