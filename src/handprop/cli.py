@@ -17,7 +17,7 @@ from .grade import run_script
 from .models import PRESETS, config_from_dict, preset
 from .ninja import check_report, grade
 from .sample import generate
-from .train import LATEST, Interrupted, TrainConfig, evaluate, format_losses, train
+from .train import BEST, LATEST, Interrupted, TrainConfig, evaluate, format_losses, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,6 +40,14 @@ def bounded(kind, low, high):
         return value
 
     return parse
+
+
+def add_best(p):
+    p.add_argument("--best", action="store_true", help=f"use {BEST} (lowest val loss at a save) instead of the latest {LATEST}")
+
+
+def chosen_checkpoint(args):
+    return load_checkpoint(Path(args.work_dir) / (BEST if args.best else LATEST), resolve_device(args.device))
 
 
 def add_device(p):
@@ -80,12 +88,14 @@ def build_parser():
     s.add_argument("--seed", type=bounded(int, 0, 2**63 - 1), default=None, help="fixes the samples (default: random)")
     s.add_argument("--prefix", default="", help="every sample starts with this text")
     s.add_argument("--max-length", type=bounded(int, 1, 10**4), default=None, help="characters at most (default: twice the longest training item)")
+    add_best(s)
     add_device(s)
     s.set_defaults(run=run_sample)
 
     e = sub.add_parser("eval", help="loss of a trained model on the full train/val/test splits")
     e.add_argument("-o", "--work-dir", default="out", help="the trained model's directory (default out)")
     e.add_argument("-i", "--input-file", default=None, help="the corpus (default: the one it was trained on)")
+    add_best(e)
     add_device(e)
     e.set_defaults(run=run_eval)
 
@@ -158,7 +168,7 @@ def run_train(args):
 
 
 def run_sample(args):
-    checkpoint = load_checkpoint(Path(args.work_dir) / "model.safetensors", resolve_device(args.device))
+    checkpoint = chosen_checkpoint(args)
     generator = torch.Generator(device=args.device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
     config = checkpoint.meta["model_config"]
@@ -168,7 +178,7 @@ def run_sample(args):
 
 
 def run_eval(args):
-    checkpoint = load_checkpoint(Path(args.work_dir) / "model.safetensors", resolve_device(args.device))
+    checkpoint = chosen_checkpoint(args)
     recorded = checkpoint.meta["corpus"]
     corpus = load_corpus(args.input_file or recorded["path"])
     if corpus.sha256 != recorded["sha256"]:
