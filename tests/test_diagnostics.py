@@ -1,5 +1,7 @@
 """Diagnostics: the recorded statistics are the numbers an independent computation gives."""
 
+import os
+import signal
 import sys
 
 import pytest
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 
 from handprop.cli import main
 from handprop.data import load_corpus, make_splits, sample_batch
-from handprop.diagnostics import FILENAME, load_history
+from handprop.diagnostics import FILENAME, Diagnostics, load_history
 from handprop.gradcheck import twin_forward
 from handprop.losses import CrossEntropy
 from handprop.models import build_model, preset
@@ -79,7 +81,7 @@ def test_recorded_statistics_equal_a_direct_computation(tmp_path, name, override
             criterion.forward(model.forward(Xb), Yb)           # (they move BatchNorm's running statistics)
             model.backward(criterion.backward())
         loss, expected = expected_statistics(model, Xb, Yb, val)
-        assert history.train_loss[step].item() == pytest.approx(loss, rel=1e-6)
+        assert history.train_loss[step] == pytest.approx(loss, rel=1e-6)
         with torch.inference_mode():
             before = {k: p.clone() for k, p in model.parameters().items()}
             optimizer.step(model.grads, lecture_lr(step, config.max_steps, config.lr, config.lr_decay_at))
@@ -162,7 +164,7 @@ def test_tensorboard_logs_the_recorded_statistics(tmp_path):
     assert saturation == pytest.approx(history.column("act_saturation", "4.Tanh"), rel=1e-6)
     train_loss = [e.value for e in events.Scalars("loss/train")]   # mean since the previous record
     windows = [history.train_loss[0:1], history.train_loss[1:11], history.train_loss[11:20]]
-    assert train_loss == pytest.approx([w.mean().item() for w in windows], rel=1e-6)
+    assert train_loss == pytest.approx([sum(w) / len(w) for w in windows], rel=1e-6)
     assert "update_ratio/2.weight" in events.Tags()["scalars"] and "act.4.Tanh" in events.Tags()["histograms"]
 
 
@@ -173,3 +175,24 @@ def test_tensorboard_flag_without_the_package_is_one_clear_error(tmp_path, monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'handprop[tensorboard]'" in err
     assert not (work_dir / "model.safetensors").exists()
+
+
+def test_a_resumed_run_records_the_same_history_as_a_straight_one(tmp_path, monkeypatch):
+    flags = ["--max-steps", "30", "--diagnostics-every", "5", "--n-hidden", "16", "--log-every", "10"]
+    assert main(["train", "-o", str(tmp_path / "straight"), *flags]) == 0
+    original = Diagnostics.after_update
+
+    def interrupt_after_step_11(self, step, loss):
+        original(self, step, loss)
+        if step == 11:
+            os.kill(os.getpid(), signal.SIGINT)     # the loop saves at the end of this step and stops
+
+    monkeypatch.setattr(Diagnostics, "after_update", interrupt_after_step_11)
+    assert main(["train", "-o", str(tmp_path / "resumed"), *flags]) == 130
+    assert len(load_history(tmp_path / "resumed" / FILENAME).train_loss) == 12
+    monkeypatch.setattr(Diagnostics, "after_update", original)
+    assert main(["train", "-o", str(tmp_path / "resumed"), "--resume"]) == 0   # goes on recording as it did
+    straight, resumed = (load_history(tmp_path / name / FILENAME) for name in ("straight", "resumed"))
+    assert resumed.steps == straight.steps == [0, 5, 10, 15, 20, 25, 29]
+    assert resumed.train_loss == straight.train_loss and resumed.series == straight.series
+    assert all(torch.equal(v, straight.snapshots[k]) for k, v in resumed.snapshots.items())

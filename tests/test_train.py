@@ -61,3 +61,11 @@ def test_samples_are_mostly_new_and_sampling_leaves_batchnorm_alone(trained_dir)
 def test_sampling_with_a_prefix(trained_dir, capsys):
     assert main(["sample", "-o", str(trained_dir), "-n", "5", "--seed", "1", "--prefix", "ma"]) == 0
     assert all(n.startswith("ma") for n in capsys.readouterr().out.splitlines())
+
+
+def test_the_best_checkpoint_has_the_lowest_val_loss_seen(trained_dir, capsys):
+    assert main(["eval", "-o", str(trained_dir), "--best"]) == 0
+    best_val = float(capsys.readouterr().out.split("val loss ")[1].split()[0])
+    final_val = load_checkpoint(trained_dir / "model.safetensors").meta["losses"]["val"]
+    assert best_val <= round(final_val, 4)
+    assert load_checkpoint(trained_dir / "best.safetensors").meta["best_val"] <= final_val

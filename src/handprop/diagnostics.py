@@ -10,6 +10,7 @@ it is saved as diagnostics.safetensors next to the model and drawn by report.py.
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +42,11 @@ class History:
     """
 
     columns: dict                   # series name -> label of each column, e.g. 'act_std' -> ['3.Tanh']
-    train_loss: torch.Tensor        # (steps,) the minibatch loss of every step taken
+    train_loss: list                # the minibatch loss of every step taken (nan: before a resume that found no history)
     steps: list = field(default_factory=list)       # the recorded steps, in order
     series: dict = field(default_factory=dict)      # series name -> one list of numbers per recorded step
     snapshots: dict = field(default_factory=dict)   # 'first.act.3.Tanh', 'last.grad.3.Tanh', 'last.weight_grad.1.weight' -> tensor
-    digest: str = ""                # of the final parameters: ties this history to its model.safetensors
+    digest: str = ""                # of the parameters when saved: ties this history to its model.safetensors
 
     def column(self, name, label):
         """The values of one column of a series, one per recorded step."""
@@ -54,7 +55,7 @@ class History:
 
     def save(self, path):
         """Write the history to path atomically (safetensors: tensors and a JSON header, no pickle)."""
-        tensors = {"train_loss": self.train_loss.detach().cpu().float(), "steps": torch.tensor(self.steps, dtype=torch.int64)}
+        tensors = {"train_loss": torch.tensor(self.train_loss, dtype=torch.float32), "steps": torch.tensor(self.steps, dtype=torch.int64)}
         for name, labels in self.columns.items():
             rows = self.series.get(name, [])
             tensors[f"series.{name}"] = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(labels))
@@ -77,7 +78,7 @@ def load_history(path):
         columns = header["columns"]
         return History(
             columns=columns,
-            train_loss=tensors["train_loss"],
+            train_loss=tensors["train_loss"].tolist(),
             steps=tensors["steps"].tolist(),
             series={name: tensors[f"series.{name}"].tolist() for name in columns},
             snapshots={k.removeprefix("snapshot."): v for k, v in tensors.items() if k.startswith("snapshot.")},
@@ -132,15 +133,16 @@ def open_summary_writer(work_dir):
 
 
 class Diagnostics:
-    """Records a History while train() runs: the loss every step, the statistics every `every` steps.
+    """Records a History while a run trains: the loss every step, the statistics every `every` steps.
 
     The training loop calls, per step:
         recording = diagnostics.begin(step)      before the forward pass
-        diagnostics.before_update()              if recording, after backward, before the optimiser
+        diagnostics.before_update()              if recording: after backward, before the optimiser
         diagnostics.after_update(step, loss)     after the optimiser
+    and diagnostics.save(work_dir) beside every checkpoint, diagnostics.finish(work_dir) at the end.
     """
 
-    def __init__(self, model, every, max_steps, val_loss, writer=None):
+    def __init__(self, model, every, max_steps, val_loss, writer=None, start_step=0, previous=None):
         self.model, self.every, self.max_steps = model, every, max_steps
         self.val_loss = val_loss                # () -> loss on the val split, in eval mode
         self.writer = writer                    # a TensorBoard SummaryWriter, or None
@@ -156,14 +158,9 @@ class Diagnostics:
             "grad_data": self.weights,
             "update_ratio": list(params),
         }
-        device = next(iter(params.values())).device
-        self.history = History(
-            columns=columns,
-            train_loss=torch.zeros(max_steps, device=device),   # (max_steps,) filled as steps are taken
-            series={name: [] for name in columns},
-        )
-        self.steps_taken = 0
-        self.logged_up_to = 0                   # train losses before this step are in TensorBoard already
+        fresh = History(columns, train_loss=[math.nan] * start_step, series={name: [] for name in columns})
+        self.history = previous or fresh
+        self.logged_up_to = start_step          # train losses before this step are in TensorBoard already
         self.row = None                         # the recorded step's numbers until its update is known
         self.before = None                      # the parameters as the recorded step began
 
@@ -195,9 +192,8 @@ class Diagnostics:
         self.history.snapshots |= {f"last.{k}": v for k, v in snapshots.items()}
 
     def after_update(self, step, loss):
-        """Keep this step's loss; at a recorded step, add the update:data ratios and store the row."""
-        self.history.train_loss[step] = loss
-        self.steps_taken = step + 1
+        """Keep this step's loss (a float); at a recorded step, add the update:data ratios and store the row."""
+        self.history.train_loss.append(loss)
         if self.row is None:
             return
         self.row["update_ratio"] = update_ratios(self.before, self.model.parameters())
@@ -211,7 +207,7 @@ class Diagnostics:
     def log_to_tensorboard(self, step):
         """The recorded row as scalars, the train loss averaged since the last row, and the histograms."""
         window = self.history.train_loss[self.logged_up_to : step + 1]
-        self.writer.add_scalar("loss/train", window.mean().item(), step)
+        self.writer.add_scalar("loss/train", sum(window) / len(window), step)
         self.logged_up_to = step + 1
         for name, values in self.row.items():
             for label, value in zip(self.history.columns[name], values):
@@ -220,10 +216,28 @@ class Diagnostics:
             if k.startswith("last."):
                 self.writer.add_histogram(k.removeprefix("last."), v, step)
 
-    def finish(self, path):
-        """Save the history (trimmed to the steps taken, tied to the final parameters) and close TensorBoard."""
-        self.history.train_loss = self.history.train_loss[: self.steps_taken]
+    def save(self, work_dir):
+        """Write the history so far into work_dir, tied to the parameters as they are (saved beside them)."""
         self.history.digest = parameters_digest(self.model)
-        self.history.save(path)
+        self.history.save(Path(work_dir) / FILENAME)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def finish(self, work_dir):
+        """The last save, and TensorBoard closed."""
+        self.save(work_dir)
         if self.writer is not None:
             self.writer.close()
+
+
+def start_diagnostics(model, config, work_dir, step, val_loss):
+    """The recorder config asks for (None when diagnostics_every is 0), going on with work_dir's history on a resume."""
+    if not config.diagnostics_every:
+        return None
+    writer = open_summary_writer(work_dir) if config.tensorboard else None
+    previous = None
+    if step > 0 and (Path(work_dir) / FILENAME).exists():
+        history = load_history(Path(work_dir) / FILENAME)
+        if history.digest == parameters_digest(model) and len(history.train_loss) == step:
+            previous = history                  # saved with the checkpoint this run resumes from
+    return Diagnostics(model, config.diagnostics_every, config.max_steps, val_loss, writer, step, previous)

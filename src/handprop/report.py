@@ -42,7 +42,7 @@ def plot_loss(history):
     """log10 loss over training: train averaged over windows of steps, val at the recorded steps."""
     fig = Figure(figsize=(9, 4))
     ax = fig.subplots()
-    log_loss = history.train_loss.double().log10()                  # (steps,)
+    log_loss = torch.tensor(history.train_loss, dtype=torch.float64).log10()    # (steps,)
     window = max(1, len(log_loss) // LOSS_POINTS)
     averaged = window_average(log_loss, window)                      # (steps // window,)
     centres = (torch.arange(len(averaged)) + 0.5) * window
@@ -150,6 +150,13 @@ def table(rows):
     return f"<table>{cells}</table>"
 
 
+def losses_table(meta):
+    """The final losses of a finished run; a run that was stopped has none yet."""
+    if not meta.get("finished"):
+        return f"<p>Stopped at step {meta['step']} of {meta['train_config']['max_steps']}: no final losses yet (continue with handprop train --resume).</p>"
+    return table((f"{name} loss", f"{meta['losses'][name]:.4f}") for name in ("train", "val", "test"))
+
+
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 img { max-width: 100%; border: 1px solid #ddd; }
@@ -175,7 +182,7 @@ def render_html(meta, parameters, images, samples):
 <body>
 <h1>{html.escape(title)}</h1>
 <h2>Final losses</h2>
-{table((f"{name} loss", f"{meta['losses'][name]:.4f}") for name in ("train", "val", "test"))}
+{losses_table(meta)}
 <h2>Figures</h2>
 {figures}
 <h2>{len(samples)} samples</h2>

@@ -1,6 +1,8 @@
 """The training loop (autograd off throughout), evaluation, BatchNorm recalibration, saving."""
 
+import math
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -11,14 +13,15 @@ import torch
 
 from .checkpoint import save_checkpoint, write_readable_config
 from .data import make_splits, sample_batch
-from .diagnostics import FILENAME as DIAGNOSTICS_FILE, Diagnostics, open_summary_writer
+from .diagnostics import start_diagnostics
 from .errors import UserError
 from .layers import BatchNorm1d
 from .losses import CrossEntropy
 from .models import build_model, count_parameters
 from .optim import lecture_lr, make_optimizer
 
-EVAL_CHUNK = 32768          # examples per forward pass when evaluating a whole split
+EVAL_CHUNK = 4096           # examples per forward pass when evaluating: small enough to stay in cache
+LATEST, BEST = "model.safetensors", "best.safetensors"  # checkpoint file names in the work directory
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class TrainConfig:
     seed: int = 2147483647          # init and batch order (the lecture's generator seed)
     device: str = "cpu"             # 'cpu' or 'cuda'
     log_every: int = 10_000         # steps between log lines when output is not a terminal
+    save_every: int = 10_000        # steps between checkpoints (latest, and best by val loss)
     diagnostics_every: int = 0      # steps between recorded statistics (diagnostics.py); 0 records none
     tensorboard: bool = False       # with diagnostics_every: also log them as TensorBoard events in work_dir
 
@@ -84,6 +88,24 @@ def recalibrate_batchnorm(model, X):
             layer.running_var.copy_((total_sq - n * mean * mean) / (n - 1))
 
 
+class Log:
+    """A text stream that goes quiet when its reader goes away (`handprop train | head`): the run matters more."""
+
+    def __init__(self, stream):
+        self.stream, self.open = stream, True
+
+    def write(self, text):
+        if self.open:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except BrokenPipeError:
+                self.open = False
+
+    def isatty(self):
+        return self.stream.isatty()
+
+
 class Progress:
     """Step, loss, learning rate and speed: one updating line on a terminal, else a line every log_every steps."""
 
@@ -92,6 +114,7 @@ class Progress:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.last_time, self.last_step, self.last_draw = time.perf_counter(), start_step, 0.0
+        self.val = None                         # val loss at the latest checkpoint, shown once known
 
     def due(self, step):
         """Whether update() would print at this step (so the caller reads the loss only then)."""
@@ -104,14 +127,14 @@ class Progress:
         speed = (step - self.last_step) / max(now - self.last_time, 1e-9)
         eta = (self.max_steps - step) / max(speed, 1e-9)
         line = f"step {step:>{len(str(self.max_steps))}}/{self.max_steps} | loss {loss:.4f} | lr {lr:g} | {speed:,.0f} steps/s | eta {eta:,.0f}s"
+        if self.val is not None:
+            line += f" | val {self.val:.4f} at the last save"
         if self.tty:
             self.stream.write("\r" + line + "\033[K" + ("\n" if step == self.max_steps else ""))
         else:
             self.stream.write(line + "\n")
             self.last_time, self.last_step = now, step   # speed since the previous line
-        self.stream.flush()
         self.last_draw = now
-
 
 def check_writable(work_dir):
     """Create work_dir if needed and prove a file can be written there, before any training."""
@@ -125,58 +148,154 @@ def check_writable(work_dir):
         raise UserError(f"cannot write to output directory {work_dir}: {e.strerror}") from None
 
 
-def train(corpus, model_config, config, work_dir, out=None):
-    """Train model_config on corpus by hand-written backprop; save and return the final losses."""
-    out = out or sys.stdout
-    check_writable(work_dir)
-    splits = make_splits(corpus, model_config.block_size, device=config.device)
-    model_config = replace(model_config, vocab_size=splits.vocab.size)
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved; exit with 128 + signal."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def stop_requests():
+    """While active, SIGINT and SIGTERM only set a flag, so the loop stops between two steps."""
+    requested = []
+
+    def request_stop(signum, frame):
+        requested.append(signum)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def check_same_data(meta, corpus, splits):
+    """A resumed run must see exactly the corpus and split it started with."""
+    if corpus.sha256 != meta["corpus"]["sha256"]:
+        raise UserError(f"{corpus.path} is not the corpus this run started on (its contents differ); pass the original with -i")
+    if splits.signature() != meta["split_signature"]:
+        raise UserError("the data split differs from the one this run started with")
+
+
+@dataclass
+class Run:
+    """Everything a checkpoint holds to continue a run exactly where it stopped."""
+
+    model: object
+    optimizer: object
+    generator: torch.Generator      # batch order; its state is saved so a resumed run draws the same batches
+    meta: dict                      # configs, vocabulary, corpus and split signatures
+    step: int = 0                   # optimisation steps done
+    best_val: float = math.inf      # lowest val loss at a save, for best.safetensors
+
+    def save(self, work_dir, name, finished=False, losses=None):
+        tensors, numbers = self.optimizer.state_dict()
+        extra = {f"optim.{k}": v for k, v in tensors.items()} | {"rng.batches": self.generator.get_state()}
+        meta = self.meta | {"step": self.step, "best_val": self.best_val, "optimizer_state": numbers,
+                            "finished": finished, "losses": losses}
+        save_checkpoint(Path(work_dir) / name, self.model, meta, extra)
+        return meta
+
+    def save_periodic(self, work_dir, splits):
+        """The latest checkpoint, and the best one too when val loss improved; returns val loss."""
+        val = split_loss(self.model, *splits.tensors["val"])
+        if val < self.best_val:
+            self.best_val = val
+            self.save(work_dir, BEST)
+        self.save(work_dir, LATEST)
+        return val
+
+
+def new_run(model_config, config, meta):
     generator = torch.Generator().manual_seed(config.seed)
+    model = build_model(model_config, generator, device=config.device)
+    return Run(model, make_optimizer(config.optimizer, model.parameters(), config.weight_decay), generator, meta)
+
+
+def resumed_run(checkpoint, config):
+    generator = torch.Generator()
+    generator.set_state(checkpoint.extra["rng.batches"])
+    optimizer = make_optimizer(config.optimizer, checkpoint.model.parameters(), config.weight_decay)
+    tensors = {k.removeprefix("optim."): v.to(config.device) for k, v in checkpoint.extra.items() if k.startswith("optim.")}
+    optimizer.load_state_dict(tensors, checkpoint.meta["optimizer_state"])
+    meta = {k: checkpoint.meta[k] for k in ("model_config", "train_config", "vocab", "corpus", "split_signature", "longest_item")}
+    return Run(checkpoint.model, optimizer, generator, meta, checkpoint.meta["step"], checkpoint.meta["best_val"])
+
+
+def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
+    """Train by hand-written backprop (from scratch or a checkpoint); save and return (model, losses)."""
+    out = Log(out or sys.stdout)
+    vocab = resume_from.vocab if resume_from else None
+    splits = make_splits(corpus, model_config.block_size, vocab=vocab, device=config.device)
+    if resume_from:
+        check_same_data(resume_from.meta, corpus, splits)
+    check_writable(work_dir)                # every input is validated before the first file is written
+    model_config = replace(model_config, vocab_size=splits.vocab.size)
+    meta = {
+        "model_config": asdict(model_config), "train_config": asdict(config), "vocab": list(splits.vocab.chars),
+        "corpus": {"path": corpus.path, "sha256": corpus.sha256, "items": len(corpus.items)},
+        "split_signature": splits.signature(), "longest_item": max(len(item) for item in corpus.items),
+    }
     sizes = " / ".join(f"{X.shape[0]}" for X, _ in splits.tensors.values())
     with torch.inference_mode():            # no graph is ever recorded: every gradient is by hand
-        model = build_model(model_config, generator, device=config.device)
+        run = resumed_run(resume_from, config) if resume_from else new_run(model_config, config, meta)
+        val_loss = lambda: split_loss(run.model, *splits.tensors["val"])
+        diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss)
+        if not resume_from:
+            run.save_periodic(work_dir, splits)     # from step 0 on there is always a checkpoint to resume
         out.write(f"{len(corpus.items)} items, vocabulary {splits.vocab.size}, examples train/val/test {sizes}\n")
-        out.write(f"model {model_config.kind}: {count_parameters(model)} parameters\n")
-        optimizer = make_optimizer(config.optimizer, model.parameters(), config.weight_decay)
-        criterion = CrossEntropy()
-        progress = Progress(config.max_steps, config.log_every, out)
-        Xtr, Ytr = splits.tensors["train"]
-        diagnostics = None
-        if config.diagnostics_every:
-            writer = open_summary_writer(work_dir) if config.tensorboard else None
-            val_loss = lambda: split_loss(model, *splits.tensors["val"])
-            diagnostics = Diagnostics(model, config.diagnostics_every, config.max_steps, val_loss, writer)
-        for step in range(config.max_steps):
-            recording = diagnostics is not None and diagnostics.begin(step)
-            Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, generator)
-            loss = criterion.forward(model.forward(Xb), Yb)
-            model.backward(criterion.backward())
-            lr = lecture_lr(step, config.max_steps, config.lr, config.lr_decay_at)
+        out.write(f"model {model_config.kind}: {count_parameters(run.model)} parameters"
+                  + (f", resuming at step {run.step}" if resume_from else "") + "\n")
+        run_steps(run, splits, config, work_dir, out, diagnostics)
+        recalibrate_batchnorm(run.model, splits.tensors["train"][0])
+        losses = evaluate(run.model, splits)
+        if losses["val"] < run.best_val:
+            run.best_val = losses["val"]
+            run.save(work_dir, BEST, finished=True, losses=losses)
+        final_meta = run.save(work_dir, LATEST, finished=True, losses=losses)
+        if diagnostics is not None:
+            diagnostics.finish(work_dir)
+    write_readable_config(Path(work_dir) / "config.json", final_meta)
+    out.write(format_losses(losses) + "\n")
+    return run.model, losses
+
+
+def run_steps(run, splits, config, work_dir, out, diagnostics=None):
+    """The optimisation loop from run.step to config.max_steps, saving every config.save_every steps."""
+    criterion = CrossEntropy()
+    progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
+    Xtr, Ytr = splits.tensors["train"]
+    last_saved = run.step                   # resumed from, or just saved at step 0
+    with stop_requests() as stop:
+        while run.step < config.max_steps:
+            recording = diagnostics is not None and diagnostics.begin(run.step)
+            lr = lecture_lr(run.step, config.max_steps, config.lr, config.lr_decay_at)
+            Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, run.generator)
+            loss = criterion.forward(run.model.forward(Xb), Yb).item()
+            if not math.isfinite(loss):
+                raise UserError(f"the loss became {loss} at step {run.step}: the learning rate ({lr:g}) is probably too high; "
+                                f"the last good checkpoint (step {last_saved}) is kept in {work_dir}")
+            run.model.backward(criterion.backward())
             if recording:
                 diagnostics.before_update()
-            optimizer.step(model.grads, lr)
+            run.optimizer.step(run.model.grads, lr)
             if diagnostics is not None:
-                diagnostics.after_update(step, loss)
-            if progress.due(step + 1):
-                progress.update(step + 1, loss.item(), lr)
-        recalibrate_batchnorm(model, Xtr)
-        losses = evaluate(model, splits)
-    meta = {
-        "model_config": asdict(model_config),
-        "train_config": asdict(config),
-        "vocab": list(splits.vocab.chars),
-        "step": config.max_steps,
-        "losses": losses,
-        "corpus": {"path": corpus.path, "sha256": corpus.sha256, "items": len(corpus.items)},
-        "split_signature": splits.signature(),
-        "longest_item": max(len(item) for item in corpus.items),
-    }
-    save_checkpoint(Path(work_dir) / "model.safetensors", model, meta)
-    write_readable_config(Path(work_dir) / "config.json", meta)
-    if diagnostics is not None:
-        diagnostics.finish(Path(work_dir) / DIAGNOSTICS_FILE)
-    out.write(format_losses(losses) + "\n")
-    return model, losses
+                diagnostics.after_update(run.step, loss)
+            run.step += 1
+            stopping = bool(stop)               # read once: a signal may land between the two uses below
+            if run.step % config.save_every == 0 or stopping:
+                progress.val = run.save_periodic(work_dir, splits)
+                if diagnostics is not None:
+                    diagnostics.save(work_dir)      # beside the checkpoint it belongs to
+                last_saved = run.step
+            if progress.due(run.step):
+                progress.update(run.step, loss, lr)
+            if stopping:
+                name = signal.Signals(stop[0]).name
+                raise Interrupted(stop[0], f"{name} at step {run.step}: checkpoint saved; continue with: handprop train --resume -o {work_dir}")
 
 
 def format_losses(losses):

@@ -1,0 +1,355 @@
+"""Grade a learner's backprop-ninja work: find their tensors by the lecture's names, say what is wrong.
+
+The learner's forward is checked one step at a time: each intermediate they defined is
+recomputed from *their* inputs to that step, so a slip is reported once, where it happens.
+The reference gradients are autograd's, step by step through the same forward evaluated at
+their values (in float64). A gradient that is wrong only because a gradient it was computed
+from is wrong "follows"; the row to fix is the one marked wrong.
+"""
+
+import runpy
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .ninja import GRADIENT_NAMES, PARAMETER_NAMES, batchnorm_backward, cross_entropy_backward, forward_steps, inputs_of
+
+RTOL = 1e-5     # right when maxdiff <= RTOL * the largest magnitude among the expected value and what it is computed from
+
+
+@dataclass(frozen=True)
+class Row:
+    section: str            # 'forward' or 'gradient'
+    name: str               # the learner's variable: 'bnraw', 'dC', ...
+    status: str             # 'ok', 'wrong', 'follows' (right for upstream gradients that are wrong), 'missing'
+    message: str            # what is wrong, in plain words
+    maxdiff: float | None   # max |yours - expected|; None when there was nothing to compare
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    rows: list
+
+    @property
+    def ok(self):
+        """True when nothing that was defined is wrong (missing names do not fail)."""
+        return all(r.status in ("ok", "missing") for r in self.rows)
+
+    @property
+    def wrong(self):
+        """The names whose own line is wrong: the ones to fix."""
+        return [r.name for r in self.rows if r.status == "wrong"]
+
+    def __getitem__(self, name):
+        return next(r for r in self.rows if r.name == name)
+
+    def table(self):
+        """The rows as text: forward problems, one line per gradient, and a summary line."""
+        forward = [r for r in self.rows if r.section == "forward"]
+        gradients = [r for r in self.rows if r.section == "gradient"]
+        defined = [r for r in forward if r.status != "missing"]
+        lines = [f"forward pass: {sum(r.status == 'ok' for r in defined)} of the {len(defined)} intermediates you defined match"
+                 " a recomputation from your inputs to their step"]
+        lines += [format_row(r) for r in defined if r.status != "ok"]
+        missing = [r.name for r in forward if r.status == "missing"]
+        if missing:
+            lines.append(f"  not defined, recomputed from your other tensors: {', '.join(missing)}")
+        lines.append("gradients: compared with autograd through your forward pass (in float64)")
+        lines += [format_row(r) for r in gradients]
+        counts = {s: sum(r.status == s for r in gradients) for s in ("ok", "wrong", "follows", "missing")}
+        lines.append(
+            f"forward: {sum(r.status == 'wrong' for r in forward)} wrong; gradients: "
+            + ", ".join(f"{count} {status}" for status, count in counts.items() if count)
+            + (" -- all right" if self.ok else " -- fix the WRONG rows first")
+        )
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return f"GradeResult(ok={self.ok}, wrong={self.wrong})"
+
+
+def format_row(r):
+    maxdiff = "" if r.maxdiff is None else f"maxdiff {r.maxdiff:.1e}"
+    status = "WRONG" if r.status == "wrong" else r.status
+    return f"  {r.name:16s} {status:8s} {maxdiff:16s} {r.message}".rstrip()
+
+
+def grade_namespace(namespace, file=None):
+    """Grade the forward and every d<name> defined in namespace (a dict such as globals()); print and return the result."""
+    tensors = learner_inputs(namespace)
+    steps = forward_steps(tensors["Xb"].shape[0])
+    values, forward_rows = check_forward(namespace, tensors, steps)
+    gradient_rows = check_gradients(namespace, values, steps, forward_rows)
+    if all(r.status == "missing" for r in gradient_rows):
+        raise UserError("no gradients to grade: define them by the lecture's names (dlogprobs, dprobs, ..., dC)")
+    result = GradeResult(forward_rows + gradient_rows)
+    print(result.table(), file=file or sys.stdout)
+    return result
+
+
+def run_script(path):
+    """Run a learner's script as __main__ and return the names it leaves; a failure is one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    try:
+        return runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        raise UserError(f"{path} called exit({e.code}) before it finished, so there is nothing to grade") from None
+    except Exception as e:
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == path]
+        where = f" line {lines[-1]}" if lines else ""
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path}{where} raised {type(e).__name__}: {message}".rstrip(": ")) from None
+
+
+def as_float64(value):
+    """A detached float64 CPU copy (the learner's tensor is never touched)."""
+    return value.detach().to("cpu", torch.float64, copy=True).contiguous()
+
+
+def learner_inputs(namespace):
+    """The learner's parameters (float64 copies) and batch, checked to be tensors of sensible types."""
+    missing = [name for name in PARAMETER_NAMES + ("Xb", "Yb") if name not in namespace]
+    if missing:
+        raise UserError(f"cannot grade without {', '.join(missing)} (the lecture's names for the parameters and the batch)")
+    for name in PARAMETER_NAMES + ("Xb", "Yb"):
+        if not isinstance(namespace[name], torch.Tensor):
+            raise UserError(f"{name} is a {type(namespace[name]).__name__}, not a torch tensor")
+    tensors = {name: as_float64(namespace[name]) for name in PARAMETER_NAMES}
+    Xb, Yb = namespace["Xb"].detach().cpu(), namespace["Yb"].detach().cpu()
+    if Xb.is_floating_point() or Yb.is_floating_point() or Xb.ndim != 2 or Yb.shape != (Xb.shape[0],):
+        raise UserError(
+            "Xb and Yb must be integer tensors of shapes (n, block_size) and (n,), "
+            f"got {tuple(Xb.shape)} {Xb.dtype} and {tuple(Yb.shape)} {Yb.dtype}"
+        )
+    return {**tensors, "Xb": Xb, "Yb": Yb}
+
+
+def largest(t):
+    """max |t| as a float (0 for an empty tensor)."""
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def close(yours, expected, scale):
+    return largest(yours - expected) <= RTOL * scale
+
+
+def shape_problem(yours, expected):
+    """What is wrong with yours' shape, in words; None when it matches."""
+    if yours.shape == expected.shape:
+        return None
+    problem = f"shape {tuple(yours.shape)}, expected {tuple(expected.shape)}"
+    if tuple(d for d in expected.shape if d != 1) == tuple(d for d in yours.shape if d != 1):
+        right = close(yours.reshape(expected.shape), expected, largest(expected))
+        return problem + (": the values are right; reduce with keepdim=True" if right else "; keepdim=True would fix the shape, and the values are wrong too")
+    if yours.ndim == 2 and yours.shape == expected.shape[::-1]:
+        return problem + ": it is transposed; check the order of the matrix product"
+    return problem
+
+
+def value_problem(yours, expected):
+    """Where the largest error sits, in words."""
+    if not torch.isfinite(yours).all():
+        return "contains nan or inf"
+    error = (yours - expected).abs()
+    at = tuple(int(i) for i in torch.unravel_index(error.argmax(), error.shape))
+    where = f" at {list(at)}" if at else ""
+    return f"largest error{where}: yours {yours[at].item():.4g}, expected {expected[at].item():.4g}"
+
+
+def unusable(section, name, value, expected):
+    """A row saying why value cannot be compared with expected (missing, not a tensor, wrong shape); None if it can."""
+    if value is None:
+        return Row(section, name, "missing", "not defined" + ("; recomputed from your other tensors" if section == "forward" else ""), None)
+    if not isinstance(value, torch.Tensor):
+        return Row(section, name, "wrong", f"is a {type(value).__name__}, not a torch tensor", None)
+    problem = shape_problem(as_float64(value), expected)
+    return Row(section, name, "wrong", problem, None) if problem else None
+
+
+def finite(t):
+    return bool(torch.isfinite(t).all())
+
+
+def with_hint(problem, hint):
+    return f"{problem}; {hint}" if hint else problem
+
+
+# ---- the forward pass ----
+
+FORWARD_SLIPS = {   # known wrong versions of a step, and what to say when the learner's value matches one
+    "bnraw": [(
+        lambda hprebn, bnmeani, bnvar_inv: hprebn - bnmeani * bnvar_inv,
+        "this is hprebn - bnmeani * bnvar_inv: operator precedence, the subtraction comes first: (hprebn - bnmeani) * bnvar_inv",
+    )],
+    "bnvar": [(
+        lambda bndiff2: bndiff2.mean(0, keepdim=True),
+        "this divides by n (the biased variance); the lecture's BatchNorm divides by n-1 (Bessel's correction)",
+    )],
+}
+
+
+def check_forward(namespace, tensors, steps):
+    """Every intermediate recomputed from the learner's own inputs to its step; returns the values to go on with and the rows."""
+    values, rows = dict(tensors), []
+    for name, step in steps.items():
+        args = [values[arg] for arg in inputs_of(step)]
+        try:
+            expected = step(*args)
+        except (RuntimeError, IndexError) as e:
+            raise UserError(f"cannot recompute {name} from your tensors: {str(e).splitlines()[0]}") from None
+        scale = max([largest(expected)] + [largest(a) for a in args if a.is_floating_point()])
+        value = namespace.get(name)
+        early = unusable("forward", name, value, expected)
+        yours = None if early else as_float64(value)
+        rows.append(early or grade_forward(name, yours, expected, scale, values))
+        # later steps read the learner's value, so one slip is reported once, where it happens
+        values[name] = yours if yours is not None and finite(yours) else expected
+    return values, rows
+
+
+def grade_forward(name, yours, expected, scale, values):
+    """ok, or wrong with the known slip it matches."""
+    maxdiff = largest(yours - expected)
+    if finite(yours) and maxdiff <= RTOL * scale:
+        return Row("forward", name, "ok", "", maxdiff)
+    slips = [
+        hint for wrong_step, hint in FORWARD_SLIPS.get(name, [])
+        if finite(yours) and close(yours, wrong_step(*(values[arg] for arg in inputs_of(wrong_step))), scale)
+    ]
+    return Row("forward", name, "wrong", with_hint(value_problem(yours, expected), slips[0] if slips else None), maxdiff)
+
+
+# ---- the gradients ----
+
+def vjp(step, values, dout):
+    """Autograd's gradients of one forward step with respect to its float inputs, for the upstream gradient dout."""
+    leaves = {arg: values[arg].detach().requires_grad_() for arg in inputs_of(step) if values[arg].is_floating_point()}
+    with torch.enable_grad():
+        out = step(*(leaves.get(arg, values[arg]) for arg in inputs_of(step)))
+        grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    return dict(zip(leaves, grads))
+
+
+def backprop(values, steps, upstream):
+    """Each tensor's gradient summed over the steps that read it, step `name` fed upstream(name, grads)."""
+    grads = {"loss": torch.ones((), dtype=torch.float64)}
+    for name, step in reversed(steps.items()):
+        for arg, g in vjp(step, values, upstream(name, grads)).items():
+            grads[arg] = grads[arg] + g if arg in grads else g
+    return grads
+
+
+FUSED = {   # exercises 2 and 3: the one-step formulas, evaluated on the learner's values
+    "logits": lambda values, used: cross_entropy_backward(values["logits"], values["Yb"]),
+    "hprebn": lambda values, used: batchnorm_backward(used["hpreact"], values["bngain"], values["bnvar_inv"], values["bnraw"]),
+}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the gradient rows are judged against."""
+
+    values: dict            # the forward values (the learner's, where usable)
+    truth: dict             # autograd's gradients through those values
+    used: dict              # the learner's gradients where usable, else the truth
+    local: dict             # each gradient as the learner's gradients one step downstream make it
+    implied: dict           # ... and two steps downstream (exercise 3 replaces the dhprebn that dembcat came from)
+    readers: dict           # name -> the steps that read it
+    rows: dict              # gradient rows graded so far, downstream first
+    forward_wrong: list     # intermediates the forward check found wrong
+
+
+def check_gradients(namespace, values, steps, forward_rows):
+    """One row per gradient of exercise 1 (dlogits and dhprebn also cover exercises 2 and 3)."""
+    truth = backprop(values, steps, lambda name, grads: grads[name])
+    early = {name: unusable("gradient", "d" + name, namespace.get("d" + name), truth[name]) for name in GRADIENT_NAMES}
+    yours = {name: as_float64(namespace["d" + name]) for name in GRADIENT_NAMES if early[name] is None}
+    used = {name: yours[name] if name in yours and finite(yours[name]) else g for name, g in truth.items()}
+    local = backprop(values, steps, lambda name, grads: used[name])
+    evidence = Evidence(
+        values, truth, used, local, backprop(values, steps, lambda name, grads: local[name]),
+        {name: [out for out, step in steps.items() if name in inputs_of(step)] for name in truth},
+        {}, [r.name for r in forward_rows if r.status == "wrong"],
+    )
+    for name in GRADIENT_NAMES:      # the lecture's order visits every tensor after the tensors that read it
+        evidence.rows[name] = early[name] or grade_gradient(name, yours[name], evidence)
+    return list(evidence.rows.values())
+
+
+def grade_gradient(name, mine, e):
+    """ok; follows (right for what it was computed from, which is wrong); or wrong, with the pitfall it matches."""
+    scale = max([largest(e.truth[name])] + [largest(e.truth[out]) for out in e.readers[name]])
+    maxdiff = largest(mine - e.truth[name])
+    if finite(mine) and maxdiff <= RTOL * scale:
+        return Row("gradient", "d" + name, "ok", "", maxdiff)
+    reason = follows_from(name, mine, e, scale) if finite(mine) else None
+    if reason:
+        return Row("gradient", "d" + name, "follows", reason, maxdiff)
+    hint = gradient_hint(name, mine, e.local[name], e.values, e.used, scale) if finite(mine) else None
+    return Row("gradient", "d" + name, "wrong", with_hint(value_problem(mine, e.truth[name]), hint), maxdiff)
+
+
+def off(names, e):
+    """d<name> for those names whose learner's gradient was used and is not right."""
+    return list(dict.fromkeys("d" + n for n in names if n in e.rows and e.rows[n].status != "ok" and e.used[n] is not e.truth[n]))
+
+
+def follows_from(name, mine, e, scale):
+    """Why a gradient that differs from autograd's is right for what it was computed from; None when it is not."""
+    readers = e.readers[name]
+    upstream = off(readers, e)
+    if upstream and close(mine, e.local[name], max([largest(e.local[name])] + [largest(e.used[r]) for r in readers])):
+        return f"right for your {' and '.join(upstream)}, which {'is' if len(upstream) == 1 else 'are'} off: fix that first"
+    further = off([far for r in readers for far in e.readers[r]], e)
+    if further and close(mine, e.implied[name], max([largest(e.implied[name])] + [largest(e.local[r]) for r in readers])):
+        via = " and ".join("d" + r for r in readers)
+        return f"right for the {via} computed from your {' and '.join(further)}, which {'is' if len(further) == 1 else 'are'} off: fix that first"
+    if name in FUSED and e.forward_wrong and close(mine, FUSED[name](e.values, e.used), scale):
+        return f"the right one-step formula, but it assumes a right forward pass and yours is wrong at {', '.join(e.forward_wrong)}: fix that first"
+    return None
+
+
+def gradient_hint(name, yours, expected, values, used, scale):
+    """The known pitfall the error pattern matches, in words; None when it matches none."""
+    n = values["Xb"].shape[0]
+    if name == "C":
+        bad_rows = ((yours - expected).abs().amax(1) > RTOL * scale).nonzero().view(-1)
+        lookups = torch.bincount(values["Xb"].view(-1), minlength=yours.shape[0])
+        if len(bad_rows) and (lookups[bad_rows] > 1).all():
+            return ("wrong only in rows that Xb looks up more than once: dC[ix] += ... keeps one of the repeated "
+                    "contributions; accumulate with index_add_ (a scatter-add)")
+    if name == "hprebn":
+        biased = batchnorm_backward(used["hpreact"], values["bngain"], values["bnvar_inv"], values["bnraw"], bessel=False)
+        if close(yours, biased, scale):
+            return ("this is the fused formula for the biased (1/n) variance, but bnvar divides by n-1: "
+                    "the last term needs the factor n/(n-1)")
+    return constant_factor_hint(yours, expected, scale, n)
+
+
+def constant_factor_hint(yours, expected, scale, n):
+    """Names a constant factor between yours and the expected gradient, if there is one."""
+    norm = (expected * expected).sum()
+    if norm == 0:
+        return None
+    ratio = ((yours * expected).sum() / norm).item()
+    if not close(yours, ratio * expected, scale):
+        return None
+    known = [
+        (-1.0, "sign error: yours is exactly minus the right gradient"),
+        (n / (n - 1), "off by the factor n/(n-1): the lecture's bnvar divides by n-1 (Bessel), not n"),
+        ((n - 1) / n, "off by the factor (n-1)/n: the lecture's bnvar divides by n-1 (Bessel), not n"),
+        (float(n), f"off by a factor n = {n}: check the 1/n of the mean"),
+        (1 / n, f"off by a factor 1/n = 1/{n}: check the 1/n of the mean"),
+        (2.0, "off by a factor 2"),
+        (0.5, "off by a factor 1/2: d(x^2)/dx = 2x"),
+    ]
+    for factor, hint in known:
+        if abs(ratio - factor) <= 1e-4 * abs(factor):
+            return hint
+    return f"off by a constant factor {ratio:.4g}"

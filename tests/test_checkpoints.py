@@ -1,0 +1,139 @@
+"""Checkpoints survive kills and interrupts, resume bit-identically, and refuse anything foreign."""
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from handprop.checkpoint import load_checkpoint, save_checkpoint
+from handprop.cli import main
+from handprop.errors import UserError
+from handprop.losses import CrossEntropy
+
+RUN = ["--max-steps", "1500", "--save-every", "100", "--log-every", "1", "--n-hidden", "64"]
+
+
+def handprop(*args):
+    return [sys.executable, "-m", "handprop", *args]
+
+
+def train_until(work_dir, kill_at, sig, resume):
+    """Start training, send sig once it reports step kill_at (or later); return (exit status, last step seen)."""
+    cmd = handprop("train", "-o", str(work_dir), *RUN, *(["--resume"] if resume else []))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    step = 0
+    for line in proc.stdout:
+        if line.startswith("step "):
+            step = int(line.split()[1].split("/")[0])
+            if step >= kill_at:
+                proc.send_signal(sig)
+                break
+    proc.stdout.close()                     # the log's reader goes away too, as in `handprop train | head`
+    proc.wait(timeout=60)
+    return proc.returncode, step, proc.stderr.read()
+
+
+def final_tensors(work_dir):
+    checkpoint = load_checkpoint(work_dir / "model.safetensors")
+    assert checkpoint.meta["finished"]
+    return checkpoint.model.parameters() | checkpoint.model.buffers()
+
+
+def test_sigkill_at_five_random_steps_then_resume_is_bitwise_identical(tmp_path):
+    subprocess.run(handprop("train", "-o", str(tmp_path / "straight"), *RUN), check=True, capture_output=True)
+    kills = sorted(random.Random().sample(range(20, 1480), 5))
+    for i, kill_at in enumerate(kills):
+        status, step, _ = train_until(tmp_path / "killed", kill_at, signal.SIGKILL, resume=i > 0)
+        assert status == -signal.SIGKILL and step >= kill_at, (kill_at, status, step)
+        load_checkpoint(tmp_path / "killed" / "model.safetensors")  # whatever the moment, it loads
+    subprocess.run(handprop("train", "-o", str(tmp_path / "killed"), "--resume"), check=True, capture_output=True)
+    straight, resumed = final_tensors(tmp_path / "straight"), final_tensors(tmp_path / "killed")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), (name, kills)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_saves_a_loadable_checkpoint_and_exits_128_plus_signal(tmp_path, sig, status):
+    code, step, stderr = train_until(tmp_path, 100, sig, resume=False)
+    assert code == status
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint saved" in lines[0] and "Traceback" not in stderr
+    checkpoint = load_checkpoint(tmp_path / "model.safetensors")
+    assert checkpoint.meta["step"] >= step and not checkpoint.meta["finished"]
+
+
+def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_forward, calls = CrossEntropy.forward, []
+
+    def forward_that_diverges(self, logits, targets):
+        calls.extend([1] if logits.shape[0] == 32 else [])    # count training batches, not evaluations
+        loss = real_forward(self, logits, targets)
+        return loss * float("nan") if len(calls) == 30 else loss
+
+    monkeypatch.setattr(CrossEntropy, "forward", forward_that_diverges)
+    assert main(["train", "-o", str(tmp_path), "--max-steps", "100", "--save-every", "20"]) == 2
+    error = capsys.readouterr().err
+    assert "nan at step 29" in error and "learning rate (0.1)" in error and "(step 20)" in error
+    checkpoint = load_checkpoint(tmp_path / "model.safetensors")
+    assert checkpoint.meta["step"] == 20
+    assert all(torch.isfinite(p).all() for p in checkpoint.model.parameters().values())
+
+
+@pytest.fixture
+def checkpoint_file(trained_dir, tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes((trained_dir / "model.safetensors").read_bytes())
+    return path
+
+
+def test_truncated_altered_and_foreign_files_are_refused(checkpoint_file, tmp_path):
+    raw = checkpoint_file.read_bytes()
+    cases = {
+        "truncated": raw[: len(raw) // 2],
+        "altered": raw[:-10] + bytes(b ^ 0xFF for b in raw[-10:]),   # flip bits in the last tensor
+        "empty": b"",
+        "text": b"not a checkpoint at all\n",
+    }
+    for name, content in cases.items():
+        checkpoint_file.write_bytes(content)
+        with pytest.raises(UserError, match="not a readable checkpoint|damaged"):
+            load_checkpoint(checkpoint_file)
+    save_file({"weight": torch.zeros(3)}, str(checkpoint_file))         # a safetensors file of someone else's
+    with pytest.raises(UserError, match="not a handprop checkpoint"):
+        load_checkpoint(checkpoint_file)
+
+
+def test_a_checkpoint_of_another_format_version_is_refused(trained_dir, tmp_path):
+    checkpoint = load_checkpoint(trained_dir / "model.safetensors")
+    save_checkpoint(tmp_path / "model.safetensors", checkpoint.model, checkpoint.meta | {"version": 99})
+    with pytest.raises(UserError, match="another format or version"):
+        load_checkpoint(tmp_path / "model.safetensors")
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_pickle_payload_is_refused_without_executing_it(tmp_path, capsys):
+    marker = str(tmp_path / "payload-ran")
+    for blob in (pickle.dumps(Payload(marker)), None):
+        if blob is None:
+            torch.save({"model": Payload(marker)}, tmp_path / "model.safetensors")   # torch's own pickle format
+        else:
+            (tmp_path / "model.safetensors").write_bytes(blob)
+        for argv in (["sample", "-o", str(tmp_path)], ["eval", "-o", str(tmp_path)], ["train", "--resume", "-o", str(tmp_path)]):
+            assert main(argv) == 2
+            assert "not a readable checkpoint" in capsys.readouterr().err
+    assert not os.path.exists(marker)
