@@ -1,27 +1,32 @@
-"""What diagnostics cost: train()'s loop with them off and on, against a hook-free baseline, same run.
+"""What diagnostics cost: train.run_steps with them off and on, against a hook-free baseline, same run.
 
-The baseline is train()'s loop written out without the diagnostics hooks, over a Sequential
-without the recording switch. train()'s own speed is the steps/s its progress line reports
-for the whole loop (setup, evaluation and saving are outside it). Rounds are interleaved
-(in rotating order) and the best of each is kept; two baseline rounds compared give the noise. Both loops are
-timed by the same meter (train.Progress).
+The baseline is run_steps written out without its diagnostics lines, over a Sequential
+without the recording switch (keep it in step with train.run_steps). Four runs start from
+the same init and advance in turns, a chunk of steps at a time, in rotating order, so a
+burst of load on a shared machine hits them alike; each speed is chunk / median chunk time.
+A second baseline run gives the noise. "on" records every `--every` steps (the CLI's default
+for a run of 100 x that many steps); a chunk is two intervals, so each holds two records.
 
-    python benchmarks/diagnostics_overhead.py [--steps 5000] [--repeats 5] [--model mlp] [--threads 1]
+    python benchmarks/diagnostics_overhead.py [--every 50] [--rounds 60] [--model mlp] [--threads 1]
 """
 
 import argparse
 import io
-import re
+import math
+import statistics
 import tempfile
+import time
+from dataclasses import replace
 
 import torch
 
 from handprop.data import load_corpus, make_splits, sample_batch
+from handprop.diagnostics import Diagnostics
 from handprop.layers import Sequential
 from handprop.losses import CrossEntropy
-from handprop.models import build_model, preset
-from handprop.optim import lecture_lr, make_optimizer
-from handprop.train import Progress, TrainConfig, train
+from handprop.models import preset
+from handprop.optim import lecture_lr
+from handprop.train import Log, Progress, TrainConfig, new_run, run_steps, split_loss
 
 
 class PlainSequential(Sequential):
@@ -38,70 +43,67 @@ class PlainSequential(Sequential):
         return dout
 
 
-def baseline_rate(corpus, model_config, config):
-    """Steps/s of train()'s loop with no diagnostics code at all."""
-    Xtr, Ytr = make_splits(corpus, model_config.block_size).tensors["train"]
-    generator = torch.Generator().manual_seed(config.seed)
-    with torch.inference_mode():
-        model = PlainSequential(build_model(model_config, generator).layers)
-        optimizer, criterion = make_optimizer(config.optimizer, model.parameters()), CrossEntropy()
-        printed = io.StringIO()
-        progress = Progress(config.max_steps, config.log_every, printed)
-        for step in range(config.max_steps):
-            Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, generator)
-            loss = criterion.forward(model.forward(Xb), Yb)
-            model.backward(criterion.backward())
-            lr = lecture_lr(step, config.max_steps, config.lr, config.lr_decay_at)
-            optimizer.step(model.grads, lr)
-            if progress.due(step + 1):
-                progress.update(step + 1, loss.item(), lr)
-    return reported_rate(printed.getvalue())
+def baseline_steps(run, splits, config, work_dir, out, diagnostics=None):
+    """train.run_steps without the diagnostics lines (no checkpoint falls due in these runs)."""
+    criterion = CrossEntropy()
+    progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
+    Xtr, Ytr = splits.tensors["train"]
+    while run.step < config.max_steps:
+        lr = lecture_lr(run.step, config.max_steps, config.lr, config.lr_decay_at)
+        Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, run.generator)
+        loss = criterion.forward(run.model.forward(Xb), Yb).item()
+        if not math.isfinite(loss):
+            raise RuntimeError(f"the loss became {loss}")
+        run.model.backward(criterion.backward())
+        run.optimizer.step(run.model.grads, lr)
+        run.step += 1
+        if progress.due(run.step):
+            progress.update(run.step, loss, lr)
 
 
-def train_rate(corpus, model_config, config):
-    """Steps/s of train()'s loop, as its own progress line reports it."""
-    printed = io.StringIO()
-    with tempfile.TemporaryDirectory() as work_dir:
-        train(corpus, model_config, config, work_dir, out=printed)
-    return reported_rate(printed.getvalue())
-
-
-def reported_rate(printed):
-    """The steps/s of the last progress line: with log_every = max_steps, the whole loop's speed."""
-    return float(re.findall(r"([\d,]+) steps/s", printed)[-1].replace(",", ""))
+def start(kind, model_config, config, splits, every):
+    """(run, loop, diagnostics) for 'baseline', 'off' (run_steps, nothing recorded) or 'on' (run_steps recording)."""
+    run = new_run(model_config, config, meta={})
+    if kind == "baseline":
+        run.model = PlainSequential(run.model.layers)
+        return run, baseline_steps, None
+    val_loss = lambda: split_loss(run.model, *splits.tensors["val"])
+    diagnostics = Diagnostics(run.model, every, config.max_steps, val_loss) if kind == "on" else None
+    return run, run_steps, diagnostics
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--every", type=int, default=50, help="steps between records when on (default 50)")
+    p.add_argument("--rounds", type=int, default=60, help="chunks of 2 x every steps per run (default 60)")
     p.add_argument("--model", default="mlp")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    corpus, model_config = load_corpus(), preset(args.model)
-    off = TrainConfig(max_steps=args.steps, log_every=args.steps)          # one progress line: the whole loop
-    on = TrainConfig(max_steps=args.steps, log_every=args.steps, diagnostics_every=max(1, args.steps // 100))
-    runs = {                                                    # name -> a measurement of steps/s
-        "baseline": lambda: baseline_rate(corpus, model_config, off),
-        "off": lambda: train_rate(corpus, model_config, off),
-        "baseline again": lambda: baseline_rate(corpus, model_config, off),
-        "on": lambda: train_rate(corpus, model_config, on),
-    }
-    rates = {name: [] for name in runs}
-    names = list(runs)
-    for r in range(args.repeats):
-        for name in names[r % 4 :] + names[: r % 4]:  # rotate the order: no run always goes first
-            rates[name].append(runs[name]())
-    best = {name: max(r) for name, r in rates.items()}          # the least disturbed round: these machines are noisy
-    print(f"model {args.model}, batch 32, {args.steps} steps x {args.repeats}, {torch.get_num_threads()} threads")
-    print(f"baseline loop (no hooks):           {best['baseline']:8.0f} steps/s")
-    print(f"train(), diagnostics off:           {best['off']:8.0f} steps/s")
-    print(f"train(), diagnostics every {on.diagnostics_every:<6}   {best['on']:8.0f} steps/s")
-    print(f"noise, baseline again / baseline:   {best['baseline again'] / best['baseline']:.3f}")
-    print(f"ratio off / baseline:               {best['off'] / best['baseline']:.3f}")
-    print(f"ratio on / baseline:                {best['on'] / best['baseline']:.3f}")
+    model_config, chunk = preset(args.model), 2 * args.every
+    splits = make_splits(load_corpus(), model_config.block_size)
+    config = TrainConfig(max_steps=chunk * args.rounds, log_every=10**9, save_every=10**9)   # no checkpoint falls due
+    kinds = ["baseline", "off", "baseline again", "on"]
+    times = {kind: [] for kind in kinds}
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as work_dir:
+        runs = {kind: start(kind.removesuffix(" again"), model_config, config, splits, args.every) for kind in kinds}
+        out = Log(io.StringIO())
+        for r in range(args.rounds):
+            for kind in kinds[r % 4 :] + kinds[: r % 4]:    # rotate the order: no run always goes first
+                run, loop, diagnostics = runs[kind]
+                until = replace(config, max_steps=run.step + chunk)
+                begin = time.perf_counter()
+                loop(run, splits, until, work_dir, out, diagnostics)
+                times[kind].append(time.perf_counter() - begin)
+    speed = {kind: chunk / statistics.median(t) for kind, t in times.items()}
+    print(f"model {args.model}, batch 32, {args.rounds} chunks of {chunk} steps per run, {torch.get_num_threads()} threads")
+    print(f"baseline loop (no diagnostics code):  {speed['baseline']:8.0f} steps/s")
+    print(f"run_steps, diagnostics off:           {speed['off']:8.0f} steps/s")
+    print(f"run_steps, recording every {args.every:<6}     {speed['on']:8.0f} steps/s")
+    print(f"noise, baseline again / baseline:     {speed['baseline again'] / speed['baseline']:.3f}")
+    print(f"ratio off / baseline:                 {speed['off'] / speed['baseline']:.3f}")
+    print(f"ratio on / baseline:                  {speed['on'] / speed['baseline']:.3f}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def step_statistics(model, tanh, weights):
     values = {
         "act_mean": [t.mean() for t in acts],
         "act_std": [t.std() for t in acts],
-        "act_saturation": [(t.abs() > SATURATION).float().mean() * 100 for t in acts],
+        "act_saturation": [(t.abs() > SATURATION).double().mean() * 100 for t in acts],   # float64: a share of a count, in full
         "grad_mean": [g.mean() for g in grads],
         "grad_std": [g.std() for g in grads],
         "grad_data": [param_grads[w].std() / params[w].std() for w in weights],
