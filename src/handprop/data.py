@@ -25,7 +25,7 @@ class Corpus:
     items: list             # one string per non-blank line, in file order
     blank_lines: int        # lines skipped because they were empty or only whitespace
     sha256: str             # of the file's bytes, so a checkpoint knows its data
-    path: str
+    path: str               # absolute, so a checkpoint finds it again from any working directory
 
 
 def load_corpus(path=None):
@@ -55,7 +55,7 @@ def load_corpus(path=None):
     for number, line in enumerate(lines, 1):
         if len(line) > MAX_ITEM_LENGTH:
             raise UserError(f"{path} line {number} has {len(line)} characters; items are limited to {MAX_ITEM_LENGTH}")
-    return Corpus(items, len(lines) - len(items), hashlib.sha256(raw).hexdigest(), str(path))
+    return Corpus(items, len(lines) - len(items), hashlib.sha256(raw).hexdigest(), str(path.resolve()))
 
 
 @dataclass(frozen=True)
