@@ -16,7 +16,6 @@ from .errors import UserError
 from .grade import run_script
 from .models import PRESETS, config_from_dict, preset
 from .ninja import check_report, grade
-from .report import write_report
 from .sample import generate
 from .train import BEST, LATEST, Interrupted, TrainConfig, evaluate, format_losses, train
 
@@ -184,14 +183,17 @@ def run_train(args):
     corpus = load_corpus(args.input_file or (saved["corpus"]["path"] if saved else None))
     train(corpus, model_config, config, args.work_dir, resume_from=checkpoint)
     if args.diagnostics:
-        print_written(write_report(args.work_dir, device))
+        draw_report(args.work_dir, device)
 
 
 def run_diagnose(args):
-    print_written(write_report(args.work_dir, resolve_device(args.device)))
+    draw_report(args.work_dir, resolve_device(args.device))
 
 
-def print_written(paths):
+def draw_report(work_dir, device):
+    """Write a run's figures and report.html, and say so."""
+    from .report import write_report       # matplotlib costs every command ~0.7 s to import: only drawing pays
+    paths = write_report(work_dir, device)
     sys.stdout.write("wrote " + ", ".join(str(p) for p in paths) + "\n")
 
 
