@@ -90,6 +90,13 @@ def build_model(config, generator=None, dtype=torch.float32, device="cpu"):
     return Sequential(layers)
 
 
+def describe(config):
+    """One line naming the architecture, e.g. 'mlp, 5 hidden layers of 100, block 3, n_embd 10'."""
+    layers = len(hidden_shapes(config))
+    return (f"{config.kind}, {layers} hidden layer{'s' if layers > 1 else ''} of {config.n_hidden}"
+            f"{'' if config.batchnorm else ' (no BatchNorm)'}, block {config.block_size}, n_embd {config.n_embd}")
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters().values())
 

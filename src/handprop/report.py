@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from .checkpoint import atomic_write, load_checkpoint
 from .diagnostics import FILENAME, SATURATION, load_history, parameters_digest
 from .errors import UserError
-from .models import count_parameters
+from .models import config_from_dict, count_parameters, describe
 from .sample import generate
 
 LOSS_POINTS = 200           # the loss curve averages the steps in windows to about this many points
@@ -170,7 +170,7 @@ ol { columns: 4; font-family: monospace; }
 def render_html(meta, parameters, images, samples):
     """The report page: summary, final losses, the figures embedded as base64, samples, configuration."""
     model, run = meta["model_config"], meta["train_config"]
-    title = f"handprop: {model['kind']}, {parameters} parameters, {meta['step']} steps"
+    title = f"handprop: {describe(config_from_dict(model))}, {parameters} parameters, {meta['step']} steps"
     figures = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(images[name]).decode()}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"

@@ -17,7 +17,7 @@ from .diagnostics import start_diagnostics
 from .errors import UserError
 from .layers import BatchNorm1d
 from .losses import CrossEntropy
-from .models import build_model, count_parameters
+from .models import build_model, count_parameters, describe
 from .optim import lecture_lr, make_optimizer
 
 EVAL_CHUNK = 4096           # examples per forward pass when evaluating: small enough to stay in cache
@@ -247,7 +247,7 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
         if not resume_from:
             run.save_periodic(work_dir, splits)     # from step 0 on there is always a checkpoint to resume
         out.write(f"{len(corpus.items)} items, vocabulary {splits.vocab.size}, examples train/val/test {sizes}\n")
-        out.write(f"model {model_config.kind}: {count_parameters(run.model)} parameters"
+        out.write(f"model {describe(model_config)}: {count_parameters(run.model)} parameters"
                   + (f", resuming at step {run.step}" if resume_from else "") + "\n")
         run_steps(run, splits, config, work_dir, out, diagnostics)
         recalibrate_batchnorm(run.model, splits.tensors["train"][0])
