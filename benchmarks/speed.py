@@ -4,7 +4,7 @@ Both train the same model (the default mlp, batch 32) on the same batches; the b
 computes gradients with loss.backward() as the lecture notebooks do before exercise 4.
 Prints steps/s of each and their ratio (>1 means handprop is faster).
 
-    python benchmarks/speed.py [--steps 3000] [--model mlp] [--repeats 3]
+    python benchmarks/speed.py [--steps 3000] [--model mlp] [--repeats 5]
 """
 
 import argparse
@@ -41,21 +41,23 @@ def autograd_steps(model, X, Y, batches):
                 p -= 0.1 * p.grad
 
 
-def best_rate(fn, model_factory, X, Y, batches, repeats):
-    rates = []
+def best_rates(contenders, model_factory, X, Y, batches, repeats):
+    """Steps/s of each contender, best of repeats, taking turns so a noisy spell hits both alike."""
+    rates = {name: [] for name in contenders}
     for _ in range(repeats):
-        model = model_factory()
-        start = time.perf_counter()
-        fn(model, X, Y, batches)
-        rates.append(len(batches) / (time.perf_counter() - start))
-    return max(rates)       # the least disturbed run: these machines are noisy
+        for name, fn in contenders.items():
+            model = model_factory()
+            start = time.perf_counter()
+            fn(model, X, Y, batches)
+            rates[name].append(len(batches) / (time.perf_counter() - start))
+    return {name: max(r) for name, r in rates.items()}  # the least disturbed run of each
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--model", default="mlp")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
@@ -65,8 +67,8 @@ def main():
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, X.shape[0], (32,), generator=g) for _ in range(args.steps)]  # the same for both
     factory = lambda: build_model(config, torch.Generator().manual_seed(1))
-    hand = best_rate(hand_steps, factory, X, Y, batches, args.repeats)
-    auto = best_rate(autograd_steps, factory, X, Y, batches, args.repeats)
+    rates = best_rates({"hand": hand_steps, "autograd": autograd_steps}, factory, X, Y, batches, args.repeats)
+    hand, auto = rates["hand"], rates["autograd"]
     print(f"model {args.model}, batch 32, {args.steps} steps x {args.repeats}, {torch.get_num_threads()} threads")
     print(f"hand-written: {hand:8.0f} steps/s")
     print(f"autograd:     {auto:8.0f} steps/s")
