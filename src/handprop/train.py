@@ -56,8 +56,8 @@ def split_loss(model, X, Y):
     criterion, total = CrossEntropy(), 0.0
     with eval_mode(model):
         for i in range(0, X.shape[0], EVAL_CHUNK):
-            loss = criterion.forward(model.forward(X[i : i + EVAL_CHUNK]), Y[i : i + EVAL_CHUNK])
-            total += loss.item() * X[i : i + EVAL_CHUNK].shape[0]
+            Xc, Yc = X[i : i + EVAL_CHUNK], Y[i : i + EVAL_CHUNK]
+            total += criterion.forward(model.forward(Xc), Yc).item() * Xc.shape[0]
     return total / X.shape[0]
 
 
@@ -117,7 +117,7 @@ class Progress:
         self.val = None                         # val loss at the latest checkpoint, shown once known
 
     def due(self, step):
-        """Whether update() would print at this step (so the caller reads the loss only then)."""
+        """Whether update() should print at this step (the last step always prints)."""
         if step == self.max_steps:
             return True
         return time.perf_counter() - self.last_draw > 0.2 if self.tty else step % self.log_every == 0
@@ -129,12 +129,13 @@ class Progress:
         line = f"step {step:>{len(str(self.max_steps))}}/{self.max_steps} | loss {loss:.4f} | lr {lr:g} | {speed:,.0f} steps/s | eta {eta:,.0f}s"
         if self.val is not None:
             line += f" | val {self.val:.4f} at the last save"
-        if self.tty:
+        if self.tty:                            # speed averaged since the run (re)started
             self.stream.write("\r" + line + "\033[K" + ("\n" if step == self.max_steps else ""))
         else:
             self.stream.write(line + "\n")
             self.last_time, self.last_step = now, step   # speed since the previous line
         self.last_draw = now
+
 
 def check_writable(work_dir):
     """Create work_dir if needed and prove a file can be written there, before any training."""
