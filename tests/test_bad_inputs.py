@@ -51,6 +51,8 @@ CASES = [
                                            "--max-steps", "5"], "afile", "cannot write"),
     ("run already there", lambda t, d, u: ["train", "--max-steps", "5", "-o", str(d)], "trained", "--resume"),
     ("resume other corpus", lambda t, d, u: ["train", "--resume", "-i", write(t, "other.txt", NAMES.encode()), "-o", str(u)], "unfinished", "not the corpus"),
+    ("resume corpus with new characters", lambda t, d, u: ["train", "--resume", "-i", write(t, "new.txt", NAMES.encode() + b"\nzoe!\n"), "-o", str(u)],
+     "unfinished", "not the corpus"),
     ("resume other settings", lambda t, d, u: ["train", "--resume", "--n-hidden", "10", "-o", str(u)], "unfinished", "n_hidden"),
     ("eval other corpus", lambda t, d, u: ["eval", "-i", write(t, "other.txt", NAMES.encode()), "-o", str(d)], "trained", "not the corpus"),
     ("no checkpoint", lambda t, d, u: ["sample", "-o", str(t / "out")], "out", "no checkpoint"),

@@ -99,6 +99,12 @@ def load_checkpoint(path, device="cpu"):
     return Checkpoint(model, Vocab(tuple(meta["vocab"])), meta, extra)
 
 
+def check_same_corpus(meta, corpus):
+    """The corpus must be the one the checkpoint was trained on (checked before its items are encoded)."""
+    if corpus.sha256 != meta["corpus"]["sha256"]:
+        raise UserError(f"{corpus.path} is not the corpus this model was trained on (its contents differ); pass the original with -i")
+
+
 def _copy_into(targets, tensors, prefix, path):
     saved = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
     if set(saved) != set(targets):

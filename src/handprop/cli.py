@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import check_same_corpus, load_checkpoint
 from .data import load_corpus, make_splits
 from .errors import UserError
 from .grade import run_script
@@ -209,10 +209,8 @@ def run_sample(args):
 
 def run_eval(args):
     checkpoint = chosen_checkpoint(args)
-    recorded = checkpoint.meta["corpus"]
-    corpus = load_corpus(args.input_file or recorded["path"])
-    if corpus.sha256 != recorded["sha256"]:
-        raise UserError(f"{corpus.path} is not the corpus this model was trained on (its contents differ)")
+    corpus = load_corpus(args.input_file or checkpoint.meta["corpus"]["path"])
+    check_same_corpus(checkpoint.meta, corpus)
     splits = make_splits(corpus, checkpoint.meta["model_config"]["block_size"], vocab=checkpoint.vocab, device=args.device)
     with torch.inference_mode():
         print(format_losses(evaluate(checkpoint.model, splits)))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint, write_readable_config
+from .checkpoint import check_same_corpus, save_checkpoint, write_readable_config
 from .data import make_splits, sample_batch
 from .diagnostics import start_diagnostics
 from .errors import UserError
@@ -173,10 +173,8 @@ def stop_requests():
             signal.signal(s, handler)
 
 
-def check_same_data(meta, corpus, splits):
-    """A resumed run must see exactly the corpus and split it started with."""
-    if corpus.sha256 != meta["corpus"]["sha256"]:
-        raise UserError(f"{corpus.path} is not the corpus this run started on (its contents differ); pass the original with -i")
+def check_same_split(meta, splits):
+    """A resumed run must see exactly the split it started with."""
     if splits.signature() != meta["split_signature"]:
         raise UserError("the data split differs from the one this run started with")
 
@@ -229,10 +227,12 @@ def resumed_run(checkpoint, config):
 def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
     """Train by hand-written backprop (from scratch or a checkpoint); save and return (model, losses)."""
     out = Log(out or sys.stdout)
+    if resume_from:
+        check_same_corpus(resume_from.meta, corpus)
     vocab = resume_from.vocab if resume_from else None
     splits = make_splits(corpus, model_config.block_size, vocab=vocab, device=config.device)
     if resume_from:
-        check_same_data(resume_from.meta, corpus, splits)
+        check_same_split(resume_from.meta, splits)
     check_writable(work_dir)                # every input is validated before the first file is written
     model_config = replace(model_config, vocab_size=splits.vocab.size)
     meta = {
