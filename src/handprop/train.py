@@ -198,14 +198,12 @@ class Run:
         save_checkpoint(Path(work_dir) / name, self.model, meta, extra)
         return meta
 
-    def save_periodic(self, work_dir, splits):
-        """The latest checkpoint, and the best one too when val loss improved; returns val loss."""
-        val = split_loss(self.model, *splits.tensors["val"])
+    def save_latest(self, work_dir, val, finished=False, losses=None):
+        """The latest checkpoint, and the best one too when val beats every earlier save; returns its metadata."""
         if val < self.best_val:
             self.best_val = val
-            self.save(work_dir, BEST)
-        self.save(work_dir, LATEST)
-        return val
+            self.save(work_dir, BEST, finished, losses)
+        return self.save(work_dir, LATEST, finished, losses)
 
 
 def new_run(model_config, config, meta):
@@ -245,18 +243,15 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
         run = resumed_run(resume_from, config) if resume_from else new_run(model_config, config, meta)
         val_loss = lambda: split_loss(run.model, *splits.tensors["val"])
         diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss)
-        if not resume_from:
-            run.save_periodic(work_dir, splits)     # from step 0 on there is always a checkpoint to resume
+        if not resume_from:                 # from step 0 on there is always a checkpoint to resume
+            run.save_latest(work_dir, split_loss(run.model, *splits.tensors["val"]))
         out.write(f"{len(corpus.items)} items, vocabulary {splits.vocab.size}, examples train/val/test {sizes}\n")
         out.write(f"model {describe(model_config)}: {count_parameters(run.model)} parameters"
                   + (f", resuming at step {run.step}" if resume_from else "") + "\n")
         run_steps(run, splits, config, work_dir, out, diagnostics)
         recalibrate_batchnorm(run.model, splits.tensors["train"][0])
         losses = evaluate(run.model, splits)
-        if losses["val"] < run.best_val:
-            run.best_val = losses["val"]
-            run.save(work_dir, BEST, finished=True, losses=losses)
-        final_meta = run.save(work_dir, LATEST, finished=True, losses=losses)
+        final_meta = run.save_latest(work_dir, losses["val"], finished=True, losses=losses)
         if diagnostics is not None:
             diagnostics.finish(work_dir)
     write_readable_config(Path(work_dir) / "config.json", final_meta)
@@ -288,7 +283,8 @@ def run_steps(run, splits, config, work_dir, out, diagnostics=None):
             run.step += 1
             stopping = bool(stop)               # read once: a signal may land between the two uses below
             if run.step % config.save_every == 0 or stopping:
-                progress.val = run.save_periodic(work_dir, splits)
+                progress.val = split_loss(run.model, *splits.tensors["val"])
+                run.save_latest(work_dir, progress.val)
                 if diagnostics is not None:
                     diagnostics.save(work_dir)      # beside the checkpoint it belongs to
                 last_saved = run.step
