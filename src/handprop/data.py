@@ -3,6 +3,7 @@
 import hashlib
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -77,7 +78,7 @@ class Vocab:
 
     def encode(self, text):
         """Characters to indices; an unknown character is a UserError naming it."""
-        stoi = self._stoi()
+        stoi = self.stoi
         unknown = sorted({c for c in text if c not in stoi})
         if unknown:
             raise UserError(f"characters not in the vocabulary: {''.join(unknown)!r} (known: {''.join(self.chars)!r})")
@@ -87,7 +88,9 @@ class Vocab:
         """Indices (no boundary tokens) back to text."""
         return "".join(self.chars[i - 1] for i in indices)
 
-    def _stoi(self):
+    @cached_property
+    def stoi(self):
+        """Character -> index, built once per vocabulary."""
         return {c: i + 1 for i, c in enumerate(self.chars)}
 
 
