@@ -42,8 +42,9 @@ def atomic_write(path, data):
         os.close(dir_fd)
 
 
-def _digest(tensors, meta_json):
-    h = hashlib.sha256(meta_json.encode())
+def tensors_digest(tensors, text=""):
+    """sha256 over text and every tensor's name, dtype, shape and bytes: equal contents, equal digest."""
+    h = hashlib.sha256(text.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -59,7 +60,7 @@ def save_checkpoint(path, model, meta, extra=None):
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "version": VERSION} | meta
     meta_json = json.dumps(meta, sort_keys=True)
-    header = {"handprop": meta_json, "digest": _digest(tensors, meta_json)}
+    header = {"handprop": meta_json, "digest": tensors_digest(tensors, meta_json)}
     atomic_write(path, safetensors_bytes(tensors, metadata=header))
 
 
@@ -84,7 +85,7 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     if "handprop" not in header:
         raise UserError(f"{path} is a safetensors file but not a handprop checkpoint")
-    if header.get("digest") != _digest(tensors, header["handprop"]):
+    if header.get("digest") != tensors_digest(tensors, header["handprop"]):
         raise UserError(f"{path} is damaged: its contents do not match the digest written with it")
     meta = json.loads(header["handprop"])
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:

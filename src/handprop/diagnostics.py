@@ -8,7 +8,6 @@ minibatch loss of every step is kept for the loss curve. A History is what a run
 it is saved as diagnostics.safetensors next to the model and drawn by report.py.
 """
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, tensors_digest
 from .errors import UserError
 from .layers import Tanh
 
@@ -90,11 +89,7 @@ def load_history(path):
 
 def parameters_digest(model):
     """sha256 over the parameters' names and values: the same model gives the same digest."""
-    h = hashlib.sha256()
-    for name, p in model.parameters().items():
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensors_digest(model.parameters())
 
 
 def layer_labels(model):
