@@ -8,24 +8,64 @@ Every backward here is proven against an autograd twin and finite differences in
 gradcheck.py. Nothing in this file calls autograd.
 """
 
+from contextlib import contextmanager
+
 import torch
 
 
 class Layer:
-    """The contract; a layer without parameters inherits these defaults."""
+    """The contract every layer keeps; a layer without parameters inherits the defaults."""
 
     training = True
     grads = {}  # replaced (never mutated) by backward in layers that have parameters
 
+    def forward(self, x):
+        """Compute the output, keeping on self only what backward needs."""
+        raise NotImplementedError
+
+    def backward(self, dout):
+        """dL/d(input) from dL/d(output); dL/d(parameter) goes into self.grads."""
+        raise NotImplementedError
+
     def parameters(self):
+        """{name: tensor} in a stable order; self.grads has the same keys after backward."""
         return {}
 
     def buffers(self):
-        return {}  # state that is not trained by gradients (BatchNorm running stats)
+        """State that is not trained by gradients (BatchNorm's running statistics)."""
+        return {}
+
+    def children(self):
+        """The layers inside this one (a composite's parts), in order."""
+        return []
 
     def train(self, mode=True):
+        """Training mode (True) or evaluation mode (False), for this layer and every layer inside it."""
         self.training = mode
+        for child in self.children():
+            child.train(mode)
         return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.describe()})"
+
+    def describe(self):
+        """The shapes and settings shown inside the parentheses of repr."""
+        return ""
+
+
+@contextmanager
+def eval_mode(model):
+    """Evaluation mode for the block (BatchNorm uses and keeps its running statistics), restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class Embedding(Layer):
@@ -48,6 +88,10 @@ class Embedding(Layer):
 
     def parameters(self):
         return {"weight": self.weight}
+
+    def describe(self):
+        vocab, dim = self.weight.shape
+        return f"{vocab}, {dim}"
 
 
 class Linear(Layer):
@@ -74,6 +118,10 @@ class Linear(Layer):
 
     def parameters(self):
         return {"weight": self.weight} if self.bias is None else {"weight": self.weight, "bias": self.bias}
+
+    def describe(self):
+        fan_in, fan_out = self.weight.shape
+        return f"{fan_in} -> {fan_out}" + ("" if self.bias is not None else ", no bias")
 
 
 class BatchNorm1d(Layer):
@@ -127,8 +175,13 @@ class BatchNorm1d(Layer):
     def buffers(self):
         return {"running_mean": self.running_mean, "running_var": self.running_var}
 
+    def describe(self):
+        return f"{self.weight.shape[0]}, {'bessel' if self.bessel else 'biased'} variance, momentum {self.momentum:g}"
+
 
 class Tanh(Layer):
+    """tanh, elementwise."""
+
     def forward(self, x):
         self.out = torch.tanh(x)
         return self.out
@@ -154,6 +207,9 @@ class FlattenConsecutive(Layer):
 
     def backward(self, dout):
         return dout.reshape(self.in_shape)      # a reshape moves no numbers
+
+    def describe(self):
+        return str(self.n)
 
 
 class Sequential(Layer):
@@ -187,14 +243,12 @@ class Sequential(Layer):
             dout = self.layers[i].backward(dout)
         return dout
 
-    def train(self, mode=True):
-        self.training = mode
-        for layer in self.layers:
-            layer.train(mode)
-        return self
+    def children(self):
+        return self.layers
 
-    def eval(self):
-        return self.train(False)
+    def __repr__(self):
+        lines = [f"  ({i}) {layer!r}".replace("\n", "\n  ") for i, layer in enumerate(self.layers)]
+        return "Sequential(\n" + "\n".join(lines) + "\n)"
 
     def parameters(self):
         return {f"{i}.{name}": p for i, layer in enumerate(self.layers) for name, p in layer.parameters().items()}

@@ -2,7 +2,7 @@
 
 import torch
 
-from .train import eval_mode
+from .layers import eval_mode
 
 
 @torch.inference_mode()

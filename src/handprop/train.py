@@ -15,7 +15,7 @@ from .checkpoint import check_same_corpus, save_checkpoint, write_readable_confi
 from .data import make_splits, sample_batch
 from .diagnostics import start_diagnostics
 from .errors import UserError
-from .layers import BatchNorm1d
+from .layers import BatchNorm1d, eval_mode
 from .losses import CrossEntropy
 from .models import build_model, count_parameters, describe
 from .optim import lecture_lr, make_optimizer
@@ -38,17 +38,6 @@ class TrainConfig:
     save_every: int = 10_000        # steps between checkpoints (latest, and best by val loss)
     diagnostics_every: int = 0      # steps between recorded statistics (diagnostics.py); 0 records none
     tensorboard: bool = False       # with diagnostics_every: also log them as TensorBoard events in work_dir
-
-
-@contextmanager
-def eval_mode(model):
-    """Evaluation mode for the block (BatchNorm uses and keeps its running statistics)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def split_loss(model, X, Y):
