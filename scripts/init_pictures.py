@@ -16,7 +16,8 @@ from handprop.data import load_corpus
 from handprop.diagnostics import FILENAME, load_history
 from handprop.models import preset
 from handprop.report import plot_activations, png_bytes
-from handprop.train import TrainConfig, train
+from handprop.config import TrainConfig
+from handprop.train import train
 
 TITLES = {
     "naive": "--init naive --no-batchnorm: unit-variance weights",

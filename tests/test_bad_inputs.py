@@ -18,8 +18,8 @@ def unfinished_dir(trained_dir, tmp_path):
     checkpoint = load_checkpoint(trained_dir / "model.safetensors")
     work_dir = tmp_path / "unfinished"
     work_dir.mkdir()
-    save_checkpoint(work_dir / "model.safetensors", checkpoint.model, checkpoint.meta | {"finished": False},
-                    checkpoint.extra)
+    checkpoint.finished = False
+    save_checkpoint(work_dir / "model.safetensors", checkpoint)
     return work_dir
 
 

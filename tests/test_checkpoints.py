@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from handprop.checkpoint import load_checkpoint, save_checkpoint
+from handprop.checkpoint import load_checkpoint, metadata, write_checkpoint
 from handprop.cli import main
 from handprop.errors import UserError
 from handprop.losses import CrossEntropy
@@ -41,7 +41,7 @@ def train_until(work_dir, kill_at, sig, resume):
 
 def final_tensors(work_dir):
     checkpoint = load_checkpoint(work_dir / "model.safetensors")
-    assert checkpoint.meta["finished"]
+    assert checkpoint.finished
     return checkpoint.model.parameters() | checkpoint.model.buffers()
 
 
@@ -65,7 +65,7 @@ def test_interrupt_saves_a_loadable_checkpoint_and_exits_128_plus_signal(tmp_pat
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "checkpoint saved" in lines[0] and "Traceback" not in stderr
     checkpoint = load_checkpoint(tmp_path / "model.safetensors")
-    assert checkpoint.meta["step"] >= step and not checkpoint.meta["finished"]
+    assert checkpoint.step >= step and not checkpoint.finished
 
 
 def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -81,7 +81,7 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_good_check
     error = capsys.readouterr().err
     assert "nan at step 29" in error and "learning rate (0.1)" in error and "(step 20)" in error
     checkpoint = load_checkpoint(tmp_path / "model.safetensors")
-    assert checkpoint.meta["step"] == 20
+    assert checkpoint.step == 20
     assert all(torch.isfinite(p).all() for p in checkpoint.model.parameters().values())
 
 
@@ -111,7 +111,8 @@ def test_truncated_altered_and_foreign_files_are_refused(checkpoint_file, tmp_pa
 
 def test_a_checkpoint_of_another_format_version_is_refused(trained_dir, tmp_path):
     checkpoint = load_checkpoint(trained_dir / "model.safetensors")
-    save_checkpoint(tmp_path / "model.safetensors", checkpoint.model, checkpoint.meta | {"version": 99})
+    tensors = {f"param.{k}": v for k, v in checkpoint.model.parameters().items()}
+    write_checkpoint(tmp_path / "model.safetensors", tensors, metadata(checkpoint) | {"version": 99})
     with pytest.raises(UserError, match="another format or version"):
         load_checkpoint(tmp_path / "model.safetensors")
 

@@ -15,7 +15,8 @@ from handprop.gradcheck import twin_forward
 from handprop.losses import CrossEntropy
 from handprop.models import build_model, preset
 from handprop.optim import SGD, lecture_lr
-from handprop.train import TrainConfig, train
+from handprop.config import TrainConfig
+from handprop.train import train
 
 
 def autograd_pass(model, X, Y):

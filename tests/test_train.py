@@ -8,7 +8,8 @@ from handprop.data import load_corpus, split_items
 from handprop.losses import CrossEntropy
 from handprop.models import preset
 from handprop.sample import generate
-from handprop.train import TrainConfig, train
+from handprop.config import TrainConfig
+from handprop.train import train
 
 
 def test_training_runs_with_autograd_disabled(tmp_path, monkeypatch):
@@ -50,7 +51,7 @@ def test_samples_are_mostly_new_and_sampling_leaves_batchnorm_alone(trained_dir)
     checkpoint = load_checkpoint(trained_dir / "model.safetensors")
     buffers = {k: v.clone() for k, v in checkpoint.model.buffers().items()}
     assert buffers                                              # the default model has BatchNorm
-    names = generate(checkpoint.model, checkpoint.vocab, 3, 1000, torch.Generator().manual_seed(0), max_length=30)
+    names = generate(checkpoint.model, checkpoint.spec.vocab, 3, 1000, torch.Generator().manual_seed(0), max_length=30)
     train_names = set(split_items(load_corpus().items)[0])
     assert len(names) == 1000 and sum(n not in train_names for n in names) >= 500
     for k, v in checkpoint.model.buffers().items():
@@ -66,6 +67,6 @@ def test_sampling_with_a_prefix(trained_dir, capsys):
 def test_the_best_checkpoint_has_the_lowest_val_loss_seen(trained_dir, capsys):
     assert main(["eval", "-o", str(trained_dir), "--best"]) == 0
     best_val = float(capsys.readouterr().out.split("val loss ")[1].split()[0])
-    final_val = load_checkpoint(trained_dir / "model.safetensors").meta["losses"]["val"]
+    final_val = load_checkpoint(trained_dir / "model.safetensors").losses["val"]
     assert best_val <= round(final_val, 4)
-    assert load_checkpoint(trained_dir / "best.safetensors").meta["best_val"] <= final_val
+    assert load_checkpoint(trained_dir / "best.safetensors").best_val <= final_val

@@ -8,19 +8,22 @@ that was truncated or altered.
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .data import Vocab
+from .config import ModelConfig, TrainConfig, config_from_dict, validate_model, validate_train
+from .data import CorpusInfo, Vocab
 from .errors import UserError
-from .models import build_model, config_from_dict
+from .models import build_model
 
+LATEST, BEST = "model.safetensors", "best.safetensors"  # checkpoint file names in a work directory
+CONFIG_JSON = "config.json"                             # a readable copy of the latest checkpoint's metadata
 FORMAT = "handprop-checkpoint"
-VERSION = 1
+VERSION = 2                 # 2: wavenet configs record their depth in n_layers
 
 
 def atomic_write(path, data):
@@ -52,24 +55,59 @@ def tensors_digest(tensors, text=""):
     return h.hexdigest()
 
 
-def save_checkpoint(path, model, meta, extra=None):
-    """Model parameters and buffers (+ extra tensors, e.g. optimiser state) with meta, atomically."""
+@dataclass(frozen=True)
+class RunSpec:
+    """What defines a run: its configs and the data it trains on (the same from its first step to its last)."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    vocab: Vocab
+    corpus: CorpusInfo      # path, sha256 and item count of the corpus file
+    split_signature: str    # hash of the three splits' items (Splits.signature)
+    longest_item: int       # characters of the longest item (sampling stops at twice that)
+
+
+@dataclass
+class Checkpoint:
+    """A saved run: the model with its spec, how far it got, and the state to continue exactly."""
+
+    spec: RunSpec
+    model: object           # a Sequential holding the saved parameters and buffers
+    step: int               # optimisation steps done
+    best_val: float         # lowest val loss at a save so far (best.safetensors)
+    finished: bool          # the run reached max_steps and its final evaluation
+    losses: dict | None     # {'train', 'val', 'test'} final losses of a finished run
+    optimizer_state: dict   # the optimiser's plain numbers (its tensors are in extra)
+    extra: dict             # extra tensors: optimiser state 'optim.*', random generator states 'rng.*'
+
+
+def save_checkpoint(path, checkpoint):
+    """The model's parameters and buffers, the extra tensors and the metadata, in one file, atomically."""
+    model = checkpoint.model
     tensors = {f"param.{k}": v for k, v in model.parameters().items()}
     tensors |= {f"buffer.{k}": v for k, v in model.buffers().items()}
-    tensors |= {f"extra.{k}": v for k, v in (extra or {}).items()}
+    tensors |= {f"extra.{k}": v for k, v in checkpoint.extra.items()}
+    write_checkpoint(path, tensors, metadata(checkpoint))
+
+
+def write_checkpoint(path, tensors, meta):
+    """Named tensors and JSON metadata as one safetensors file with a digest over both, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "version": VERSION} | meta
     meta_json = json.dumps(meta, sort_keys=True)
     header = {"handprop": meta_json, "digest": tensors_digest(tensors, meta_json)}
     atomic_write(path, safetensors_bytes(tensors, metadata=header))
 
 
-@dataclass
-class Checkpoint:
-    model: object           # a Sequential holding the saved parameters and buffers
-    vocab: Vocab
-    meta: dict              # everything save_checkpoint was given, plus format and version
-    extra: dict             # the extra tensors (optimiser state, random generator state)
+def metadata(checkpoint):
+    """Everything but the tensors, as plain JSON-able values (also what config.json shows)."""
+    spec = checkpoint.spec
+    return {
+        "format": FORMAT, "version": VERSION,
+        "model_config": asdict(spec.model_config), "train_config": asdict(spec.train_config),
+        "vocab": list(spec.vocab.chars), "corpus": asdict(spec.corpus), "split_signature": spec.split_signature,
+        "longest_item": spec.longest_item, "step": checkpoint.step, "best_val": checkpoint.best_val,
+        "finished": checkpoint.finished, "losses": checkpoint.losses, "optimizer_state": checkpoint.optimizer_state,
+    }
 
 
 def load_checkpoint(path, device="cpu"):
@@ -80,7 +118,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not a dict)
     except Exception as e:  # safetensors reports corruption with several exception types
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     if "handprop" not in header:
@@ -90,19 +128,33 @@ def load_checkpoint(path, device="cpu"):
     meta = json.loads(header["handprop"])
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise UserError(f"{path} is a checkpoint of another format or version than this handprop reads")
-    config = config_from_dict(meta["model_config"])
-    if config.vocab_size != len(meta["vocab"]) + 1:
+    try:
+        checkpoint = from_metadata(meta, path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: its metadata is incomplete or malformed ({type(e).__name__}: {e})") from None
+    checkpoint.model = build_model(checkpoint.spec.model_config, device=device)
+    _copy_into(checkpoint.model.parameters(), tensors, "param.", path)
+    _copy_into(checkpoint.model.buffers(), tensors, "buffer.", path)
+    checkpoint.extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    return checkpoint
+
+
+def from_metadata(meta, path):
+    """A Checkpoint (model and tensors still to fill in) from the JSON metadata, every config validated."""
+    model_config = validate_model(config_from_dict(ModelConfig, meta["model_config"], path))
+    train_config = validate_train(config_from_dict(TrainConfig, meta["train_config"], path), model_config)
+    vocab = Vocab(tuple(meta["vocab"]))
+    if model_config.vocab_size != vocab.size:
         raise UserError(f"{path}: its vocabulary and its model config disagree")
-    model = build_model(config, device=device)
-    _copy_into(model.parameters(), tensors, "param.", path)
-    _copy_into(model.buffers(), tensors, "buffer.", path)
-    extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
-    return Checkpoint(model, Vocab(tuple(meta["vocab"])), meta, extra)
+    spec = RunSpec(model_config, train_config, vocab, CorpusInfo(**meta["corpus"]), meta["split_signature"],
+                   int(meta["longest_item"]))
+    return Checkpoint(spec, None, int(meta["step"]), float(meta["best_val"]), bool(meta["finished"]),
+                      meta["losses"], dict(meta["optimizer_state"]), {})
 
 
-def check_same_corpus(meta, corpus):
-    """The corpus must be the one the checkpoint was trained on (checked before its items are encoded)."""
-    if corpus.sha256 != meta["corpus"]["sha256"]:
+def check_same_corpus(spec, corpus):
+    """The corpus must be the one the run was trained on (checked before its items are encoded)."""
+    if corpus.sha256 != spec.corpus.sha256:
         raise UserError(f"{corpus.path} is not the corpus this model was trained on (its contents differ); pass the original with -i")
 
 
@@ -116,6 +168,6 @@ def _copy_into(targets, tensors, prefix, path):
         target.copy_(saved[name])
 
 
-def write_readable_config(path, meta):
+def write_readable_config(path, checkpoint):
     """A JSON copy of a checkpoint's metadata for people to read; loading never uses it."""
-    atomic_write(path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(metadata(checkpoint), indent=2, sort_keys=True) + "\n").encode())

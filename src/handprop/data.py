@@ -14,6 +14,7 @@ from .errors import UserError
 BOUNDARY = "."              # how the start/end token (index 0) is shown
 MAX_ITEM_LENGTH = 1000      # characters; a longer line is almost surely not one item per line
 SPLIT_SEED = 42             # the lectures' random.seed(42) before shuffling the words
+SPLIT_NAMES = ("train", "val", "test")
 
 
 def bundled_corpus_path():
@@ -22,11 +23,23 @@ def bundled_corpus_path():
 
 
 @dataclass(frozen=True)
+class CorpusInfo:
+    """What a checkpoint remembers of its corpus, to find it again and to recognise it."""
+
+    path: str               # absolute path of the file
+    sha256: str             # of the file's bytes
+    items: int              # non-blank lines
+
+
+@dataclass(frozen=True)
 class Corpus:
     items: list             # one string per non-blank line, in file order
     blank_lines: int        # lines skipped because they were empty or only whitespace
     sha256: str             # of the file's bytes, so a checkpoint knows its data
     path: str               # absolute, so a checkpoint finds it again from any working directory
+
+    def info(self):
+        return CorpusInfo(self.path, self.sha256, len(self.items))
 
 
 def load_corpus(path=None):

@@ -131,10 +131,11 @@ class Diagnostics:
     """Records a History while a run trains: the loss every step, the statistics every `every` steps.
 
     The training loop calls, per step:
-        recording = diagnostics.begin(step)      before the forward pass
-        diagnostics.before_update()              if recording: after backward, before the optimiser
+        diagnostics.begin(step)                  before the forward pass
+        diagnostics.after_backward()             after backward, before the optimiser
         diagnostics.after_update(step, loss)     after the optimiser
     and diagnostics.save(work_dir) beside every checkpoint, diagnostics.finish(work_dir) at the end.
+    NoDiagnostics has the same methods and does nothing, so the loop needs no conditionals.
     """
 
     def __init__(self, model, every, max_steps, val_loss, writer=None, start_step=0, previous=None):
@@ -160,13 +161,14 @@ class Diagnostics:
         self.before = None                      # the parameters as the recorded step began
 
     def begin(self, step):
-        """Whether step is recorded (the first, every `every`-th and the last); if so the model keeps its passes."""
+        """Records step if it is the first, an `every`-th or the last: the model then keeps its passes."""
         self.model.record = step % self.every == 0 or step == self.max_steps - 1
-        return self.model.record
 
-    def before_update(self):
-        """Statistics of this step's forward and backward passes, the val loss, and the parameters before the update."""
+    def after_backward(self):
+        """At a recorded step: statistics of the passes, the val loss, and the parameters before the update."""
         model = self.model
+        if not model.record:
+            return
         model.record = False                    # the val forward below must not replace what was kept
         self.row = step_statistics(model, self.tanh, self.weights)
         self.keep_snapshots()
@@ -225,10 +227,29 @@ class Diagnostics:
             self.writer.close()
 
 
+class NoDiagnostics:
+    """The recorder of a run that records nothing: every call does nothing."""
+
+    def begin(self, step):
+        pass
+
+    def after_backward(self):
+        pass
+
+    def after_update(self, step, loss):
+        pass
+
+    def save(self, work_dir):
+        pass
+
+    def finish(self, work_dir):
+        pass
+
+
 def start_diagnostics(model, config, work_dir, step, val_loss):
-    """The recorder config asks for (None when diagnostics_every is 0), going on with work_dir's history on a resume."""
+    """The recorder config asks for (NoDiagnostics when diagnostics_every is 0), continuing work_dir's history."""
     if not config.diagnostics_every:
-        return None
+        return NoDiagnostics()
     writer = open_summary_writer(work_dir) if config.tensorboard else None
     previous = None
     if step > 0 and (Path(work_dir) / FILENAME).exists():

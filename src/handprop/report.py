@@ -7,16 +7,18 @@ never pyplot, so nothing needs a display and no global state is touched.
 import base64
 import html
 import io
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .checkpoint import atomic_write, load_checkpoint
+from .checkpoint import LATEST, atomic_write, load_checkpoint
+from .data import SPLIT_NAMES
 from .diagnostics import FILENAME, SATURATION, load_history, parameters_digest
 from .errors import UserError
-from .models import config_from_dict, count_parameters, describe
+from .models import count_parameters, describe
 from .sample import generate
 
 LOSS_POINTS = 200           # the loss curve averages the steps in windows to about this many points
@@ -150,11 +152,12 @@ def table(rows):
     return f"<table>{cells}</table>"
 
 
-def losses_table(meta):
+def losses_table(checkpoint):
     """The final losses of a finished run; a run that was stopped has none yet."""
-    if not meta.get("finished"):
-        return f"<p>Stopped at step {meta['step']} of {meta['train_config']['max_steps']}: no final losses yet (continue with handprop train --resume).</p>"
-    return table((f"{name} loss", f"{meta['losses'][name]:.4f}") for name in ("train", "val", "test"))
+    if not checkpoint.finished:
+        return (f"<p>Stopped at step {checkpoint.step} of {checkpoint.spec.train_config.max_steps}: no final losses "
+                "yet (continue with handprop train --resume).</p>")
+    return table((f"{name} loss", f"{checkpoint.losses[name]:.4f}") for name in SPLIT_NAMES)
 
 
 STYLE = """
@@ -167,10 +170,11 @@ ol { columns: 4; font-family: monospace; }
 """
 
 
-def render_html(meta, parameters, images, samples):
+def render_html(checkpoint, images, samples):
     """The report page: summary, final losses, the figures embedded as base64, samples, configuration."""
-    model, run = meta["model_config"], meta["train_config"]
-    title = f"handprop: {describe(config_from_dict(model))}, {parameters} parameters, {meta['step']} steps"
+    spec = checkpoint.spec
+    parameters = count_parameters(checkpoint.model)
+    title = f"handprop: {describe(spec.model_config)}, {parameters} parameters, {checkpoint.step} steps"
     figures = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(images[name]).decode()}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -182,18 +186,18 @@ def render_html(meta, parameters, images, samples):
 <body>
 <h1>{html.escape(title)}</h1>
 <h2>Final losses</h2>
-{losses_table(meta)}
+{losses_table(checkpoint)}
 <h2>Figures</h2>
 {figures}
 <h2>{len(samples)} samples</h2>
 <ol>{items}</ol>
 <h2>Configuration</h2>
 <h3>model</h3>
-{table(sorted(model.items()))}
+{table(sorted(asdict(spec.model_config).items()))}
 <h3>training</h3>
-{table(sorted(run.items()))}
+{table(sorted(asdict(spec.train_config).items()))}
 <h3>corpus</h3>
-{table(sorted(meta["corpus"].items()))}
+{table(sorted(asdict(spec.corpus).items()))}
 </body></html>
 """
 
@@ -201,18 +205,19 @@ def render_html(meta, parameters, images, samples):
 def write_report(work_dir, device="cpu"):
     """Draw the five figures and report.html into work_dir from its model and recorded diagnostics."""
     work_dir = Path(work_dir)
-    checkpoint = load_checkpoint(work_dir / "model.safetensors", device)
+    checkpoint = load_checkpoint(work_dir / LATEST, device)
     history = load_history(work_dir / FILENAME)
     if history.digest != parameters_digest(checkpoint.model):
-        raise UserError(f"{work_dir / FILENAME} was recorded for another model than {work_dir / 'model.safetensors'} (train again with --diagnostics)")
+        raise UserError(f"{work_dir / FILENAME} was recorded for another model than {work_dir / LATEST} "
+                        "(train again with --diagnostics)")
     if not history.steps:
         raise UserError(f"{work_dir / FILENAME} holds no recorded step")
     images = render_figures(history)
-    meta = checkpoint.meta
-    generator = torch.Generator(device=device).manual_seed(meta["train_config"]["seed"])
-    block_size = meta["model_config"]["block_size"]
-    samples = generate(checkpoint.model, checkpoint.vocab, block_size, SAMPLES, generator, 2 * meta["longest_item"])
-    page = render_html(meta, count_parameters(checkpoint.model), images, samples)
+    spec = checkpoint.spec
+    generator = torch.Generator(device=device).manual_seed(spec.train_config.seed)
+    samples = generate(checkpoint.model, spec.vocab, spec.model_config.block_size, SAMPLES, generator,
+                       2 * spec.longest_item)
+    page = render_html(checkpoint, images, samples)
     written = []                            # everything is drawn before the first file is written
     for name, png in images.items():
         atomic_write(work_dir / name, png)

@@ -6,13 +6,22 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .checkpoint import check_same_corpus, save_checkpoint, write_readable_config
-from .data import make_splits, sample_batch
+from .checkpoint import (
+    BEST,
+    CONFIG_JSON,
+    LATEST,
+    Checkpoint,
+    RunSpec,
+    check_same_corpus,
+    save_checkpoint,
+    write_readable_config,
+)
+from .data import SPLIT_NAMES, make_splits, sample_batch
 from .diagnostics import start_diagnostics
 from .errors import UserError
 from .layers import BatchNorm1d, eval_mode
@@ -21,23 +30,6 @@ from .models import build_model, count_parameters, describe
 from .optim import lecture_lr, make_optimizer
 
 EVAL_CHUNK = 4096           # examples per forward pass when evaluating: small enough to stay in cache
-LATEST, BEST = "model.safetensors", "best.safetensors"  # checkpoint file names in the work directory
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_steps: int = 200_000        # optimisation steps (the lecture's exercise 4)
-    batch_size: int = 32            # examples per step, drawn with replacement
-    lr: float = 0.1                 # learning rate before the decay
-    lr_decay_at: float = 0.5        # fraction of max_steps after which lr is divided by 10
-    optimizer: str = "sgd"          # 'sgd' (the lecture) or 'adamw'
-    weight_decay: float = 0.0       # AdamW's decoupled weight decay
-    seed: int = 2147483647          # init and batch order (the lecture's generator seed)
-    device: str = "cpu"             # 'cpu' or 'cuda'
-    log_every: int = 10_000         # steps between log lines when output is not a terminal
-    save_every: int = 10_000        # steps between checkpoints (latest, and best by val loss)
-    diagnostics_every: int = 0      # steps between recorded statistics (diagnostics.py); 0 records none
-    tensorboard: bool = False       # with diagnostics_every: also log them as TensorBoard events in work_dir
 
 
 def split_loss(model, X, Y):
@@ -52,7 +44,7 @@ def split_loss(model, X, Y):
 
 def evaluate(model, splits):
     """{'train': loss, 'val': loss, 'test': loss} on the full splits."""
-    return {name: split_loss(model, X, Y) for name, (X, Y) in splits.tensors.items()}
+    return {name: split_loss(model, *splits.tensors[name]) for name in SPLIT_NAMES}
 
 
 def recalibrate_batchnorm(model, X):
@@ -147,142 +139,200 @@ class Interrupted(Exception):
 
 
 @contextmanager
+def signal_handler(handler):
+    """While active, handler(signum) runs on SIGINT and SIGTERM instead of their default action."""
+    previous = {s: signal.signal(s, lambda signum, frame: handler(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+@contextmanager
 def stop_requests():
     """While active, SIGINT and SIGTERM only set a flag, so the loop stops between two steps."""
     requested = []
-
-    def request_stop(signum, frame):
-        requested.append(signum)
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handler(requested.append):
         yield requested
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
-def check_same_split(meta, splits):
-    """A resumed run must see exactly the split it started with."""
-    if splits.signature() != meta["split_signature"]:
-        raise UserError("the data split differs from the one this run started with")
+def resume_hint(work_dir):
+    return f"continue with: handprop train --resume -o {work_dir}"
+
+
+@contextmanager
+def stop_at_once(work_dir, step):
+    """While active, SIGINT and SIGTERM stop at once: the checkpoint at step is already saved."""
+
+    def stop(signum):
+        name = signal.Signals(signum).name
+        raise Interrupted(signum, f"{name} during the final evaluation: the checkpoint at step {step} is kept; "
+                                  + resume_hint(work_dir))
+
+    with signal_handler(stop):
+        yield
+
+
+@contextmanager
+def saving(work_dir, last_saved):
+    """Turns a failed write (no permission, a full disk) into one UserError that says what is kept."""
+    try:
+        yield
+    except OSError as e:
+        kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None else "nothing was saved"
+        raise UserError(f"cannot save in {work_dir}: {e.strerror or e}; {kept}") from None
 
 
 @dataclass
 class Run:
-    """Everything a checkpoint holds to continue a run exactly where it stopped."""
+    """A run in memory: the model, the optimiser and the batch order, and how far it got."""
 
+    spec: RunSpec
     model: object
     optimizer: object
     generator: torch.Generator      # batch order; its state is saved so a resumed run draws the same batches
-    meta: dict                      # configs, vocabulary, corpus and split signatures
     step: int = 0                   # optimisation steps done
     best_val: float = math.inf      # lowest val loss at a save, for best.safetensors
+    saved_step: int | None = None   # the step of the latest checkpoint on disk
 
-    def save(self, work_dir, name, finished=False, losses=None):
+    def checkpoint(self, finished=False, losses=None):
         tensors, numbers = self.optimizer.state_dict()
         extra = {f"optim.{k}": v for k, v in tensors.items()} | {"rng.batches": self.generator.get_state()}
-        meta = self.meta | {"step": self.step, "best_val": self.best_val, "optimizer_state": numbers,
-                            "finished": finished, "losses": losses}
-        save_checkpoint(Path(work_dir) / name, self.model, meta, extra)
-        return meta
+        return Checkpoint(self.spec, self.model, self.step, self.best_val, finished, losses, numbers, extra)
 
     def save_latest(self, work_dir, val, finished=False, losses=None):
-        """The latest checkpoint, and the best one too when val beats every earlier save; returns its metadata."""
-        if val < self.best_val:
-            self.best_val = val
-            self.save(work_dir, BEST, finished, losses)
-        return self.save(work_dir, LATEST, finished, losses)
+        """The latest checkpoint (and the best one too when val beats every earlier save) and config.json."""
+        work_dir = Path(work_dir)
+        with saving(work_dir, self.saved_step):
+            if val < self.best_val:
+                self.best_val = val
+                save_checkpoint(work_dir / BEST, self.checkpoint(finished, losses))
+            checkpoint = self.checkpoint(finished, losses)
+            save_checkpoint(work_dir / LATEST, checkpoint)
+            self.saved_step = self.step
+            write_readable_config(work_dir / CONFIG_JSON, checkpoint)
+        return val
 
 
-def new_run(model_config, config, meta):
+def new_run(spec):
+    config = spec.train_config
     generator = torch.Generator().manual_seed(config.seed)
-    model = build_model(model_config, generator, device=config.device)
-    return Run(model, make_optimizer(config.optimizer, model.parameters(), config.weight_decay), generator, meta)
+    model = build_model(spec.model_config, generator, device=config.device)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.weight_decay)
+    return Run(spec, model, optimizer, generator)
 
 
 def resumed_run(checkpoint, config):
+    """The saved run, going on under config (which may differ only in RESUME_MAY_CHANGE)."""
     generator = torch.Generator()
     generator.set_state(checkpoint.extra["rng.batches"])
     optimizer = make_optimizer(config.optimizer, checkpoint.model.parameters(), config.weight_decay)
-    tensors = {k.removeprefix("optim."): v.to(config.device) for k, v in checkpoint.extra.items() if k.startswith("optim.")}
-    optimizer.load_state_dict(tensors, checkpoint.meta["optimizer_state"])
-    meta = {k: checkpoint.meta[k] for k in ("model_config", "train_config", "vocab", "corpus", "split_signature", "longest_item")}
-    return Run(checkpoint.model, optimizer, generator, meta, checkpoint.meta["step"], checkpoint.meta["best_val"])
+    tensors = {k.removeprefix("optim."): v.to(config.device) for k, v in checkpoint.extra.items()
+               if k.startswith("optim.")}
+    optimizer.load_state_dict(tensors, checkpoint.optimizer_state)
+    spec = replace(checkpoint.spec, train_config=config)
+    return Run(spec, checkpoint.model, optimizer, generator, checkpoint.step, checkpoint.best_val, checkpoint.step)
+
+
+def prepare(corpus, model_config, config, resume_from):
+    """The splits and the run (new, or continued from a checkpoint); checks every input, writes nothing."""
+    vocab = None
+    if resume_from is not None:
+        check_same_corpus(resume_from.spec, corpus)
+        vocab = resume_from.spec.vocab
+    splits = make_splits(corpus, model_config.block_size, vocab=vocab, device=config.device)
+    if resume_from is not None:
+        if splits.signature() != resume_from.spec.split_signature:
+            raise UserError("the data split differs from the one this run started with")
+        return splits, resumed_run(resume_from, config)
+    model_config = replace(model_config, vocab_size=splits.vocab.size)
+    spec = RunSpec(model_config, config, splits.vocab, corpus.info(), splits.signature(),
+                   max(len(item) for item in corpus.items))
+    return splits, new_run(spec)
 
 
 def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
     """Train by hand-written backprop (from scratch or a checkpoint); save and return (model, losses)."""
     out = Log(out or sys.stdout)
-    if resume_from:
-        check_same_corpus(resume_from.meta, corpus)
-    vocab = resume_from.vocab if resume_from else None
-    splits = make_splits(corpus, model_config.block_size, vocab=vocab, device=config.device)
-    if resume_from:
-        check_same_split(resume_from.meta, splits)
-    check_writable(work_dir)                # every input is validated before the first file is written
-    model_config = replace(model_config, vocab_size=splits.vocab.size)
-    meta = {
-        "model_config": asdict(model_config), "train_config": asdict(config), "vocab": list(splits.vocab.chars),
-        "corpus": {"path": corpus.path, "sha256": corpus.sha256, "items": len(corpus.items)},
-        "split_signature": splits.signature(), "longest_item": max(len(item) for item in corpus.items),
-    }
-    sizes = " / ".join(f"{X.shape[0]}" for X, _ in splits.tensors.values())
     with torch.inference_mode():            # no graph is ever recorded: every gradient is by hand
-        run = resumed_run(resume_from, config) if resume_from else new_run(model_config, config, meta)
-        val_loss = lambda: split_loss(run.model, *splits.tensors["val"])
+        # prepare: the data and the run, every input checked before the first file is written
+        splits, run = prepare(corpus, model_config, config, resume_from)
+        check_writable(work_dir)
+
+        def val_loss():
+            return split_loss(run.model, *splits.tensors["val"])
+
         diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss)
-        if not resume_from:                 # from step 0 on there is always a checkpoint to resume
-            run.save_latest(work_dir, split_loss(run.model, *splits.tensors["val"]))
+        if run.saved_step is None:          # from step 0 on there is always a checkpoint to resume
+            run.save_latest(work_dir, val_loss())
+        sizes = " / ".join(f"{X.shape[0]}" for X, _ in splits.tensors.values())
         out.write(f"{len(corpus.items)} items, vocabulary {splits.vocab.size}, examples train/val/test {sizes}\n")
-        out.write(f"model {describe(model_config)}: {count_parameters(run.model)} parameters"
+        out.write(f"model {describe(run.spec.model_config)}: {count_parameters(run.model)} parameters"
                   + (f", resuming at step {run.step}" if resume_from else "") + "\n")
-        run_steps(run, splits, config, work_dir, out, diagnostics)
-        recalibrate_batchnorm(run.model, splits.tensors["train"][0])
-        losses = evaluate(run.model, splits)
-        final_meta = run.save_latest(work_dir, losses["val"], finished=True, losses=losses)
-        if diagnostics is not None:
-            diagnostics.finish(work_dir)
-    write_readable_config(Path(work_dir) / "config.json", final_meta)
+        # the loop
+        run_steps(run, splits, work_dir, out, diagnostics, val_loss)
+        if run.saved_step != run.step:      # the trained weights are on disk before the final phase begins
+            run.save_latest(work_dir, val_loss())
+            diagnostics.save(work_dir)
+        # finish: exact BatchNorm statistics, the losses on every split, the last save
+        with stop_at_once(work_dir, run.step):
+            losses = finish(run, splits, work_dir, diagnostics, out)
     out.write(format_losses(losses) + "\n")
     return run.model, losses
 
 
-def run_steps(run, splits, config, work_dir, out, diagnostics=None):
-    """The optimisation loop from run.step to config.max_steps, saving every config.save_every steps."""
+def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
+    """The optimisation loop from run.step to max_steps, saving every save_every steps and when asked to stop."""
+    config = run.spec.train_config
     criterion = CrossEntropy()
     progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
     Xtr, Ytr = splits.tensors["train"]
-    last_saved = run.step                   # resumed from, or just saved at step 0
     with stop_requests() as stop:
         while run.step < config.max_steps:
-            recording = diagnostics is not None and diagnostics.begin(run.step)
             lr = lecture_lr(run.step, config.max_steps, config.lr, config.lr_decay_at)
+            diagnostics.begin(run.step)
+            # batch
             Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, run.generator)
-            loss = criterion.forward(run.model.forward(Xb), Yb).item()
+            # forward
+            loss = criterion.forward(run.model.forward(Xb), Yb).item()  # host sync: the loss is checked and logged
             if not math.isfinite(loss):
-                raise UserError(f"the loss became {loss} at step {run.step}: the learning rate ({lr:g}) is probably too high; "
-                                f"the last good checkpoint (step {last_saved}) is kept in {work_dir}")
+                raise UserError(f"the loss became {loss} at step {run.step}: the learning rate ({lr:g}) is probably "
+                                f"too high; the last good checkpoint (step {run.saved_step}) is kept in {work_dir}")
+            # backward, every gradient by hand
             run.model.backward(criterion.backward())
-            if recording:
-                diagnostics.before_update()
+            diagnostics.after_backward()
+            # update
             run.optimizer.step(run.model.grads, lr)
-            if diagnostics is not None:
-                diagnostics.after_update(run.step, loss)
+            diagnostics.after_update(run.step, loss)
             run.step += 1
-            stopping = bool(stop)               # read once: a signal may land between the two uses below
+            # save: every save_every steps, and before stopping when asked to
+            stopping = bool(stop)           # read once: a signal may land between the two uses below
             if run.step % config.save_every == 0 or stopping:
-                progress.val = split_loss(run.model, *splits.tensors["val"])
-                run.save_latest(work_dir, progress.val)
-                if diagnostics is not None:
-                    diagnostics.save(work_dir)      # beside the checkpoint it belongs to
-                last_saved = run.step
+                progress.val = run.save_latest(work_dir, val_loss())
+                diagnostics.save(work_dir)  # beside the checkpoint it belongs to
+            # log
             if progress.due(run.step):
                 progress.update(run.step, loss, lr)
             if stopping:
                 name = signal.Signals(stop[0]).name
-                raise Interrupted(stop[0], f"{name} at step {run.step}: checkpoint saved; continue with: handprop train --resume -o {work_dir}")
+                raise Interrupted(stop[0], f"{name} at step {run.step}: checkpoint saved; {resume_hint(work_dir)}")
+
+
+def finish(run, splits, work_dir, diagnostics, out):
+    """BatchNorm statistics over the whole training split, the final losses, the final save; returns the losses."""
+    Xtr = splits.tensors["train"][0]
+    if any(isinstance(layer, BatchNorm1d) for layer in run.model.layers):
+        out.write(f"setting BatchNorm statistics from all {Xtr.shape[0]} training examples\n")
+        recalibrate_batchnorm(run.model, Xtr)
+    out.write("evaluating on the full train / val / test splits\n")
+    losses = evaluate(run.model, splits)
+    run.save_latest(work_dir, losses["val"], finished=True, losses=losses)
+    with saving(work_dir, run.saved_step):
+        diagnostics.finish(work_dir)
+    return losses
 
 
 def format_losses(losses):
-    return " | ".join(f"{name} loss {value:.4f}" for name, value in losses.items())
+    """'train loss 2.0713 | val loss 2.1096 | test loss 2.1127', always in that order."""
+    return " | ".join(f"{name} loss {losses[name]:.4f}" for name in SPLIT_NAMES)
