@@ -147,7 +147,6 @@ def test_sgd_step_is_p_minus_lr_times_grad():
 @pytest.mark.parametrize("name, kwargs, message", [
     ("adam", {}, r"unknown optimizer 'adam' \(choose sgd or adamw\)"),
     ("SGD", {}, r"unknown optimizer 'SGD' \(choose sgd or adamw\)"),
-    ("sgd", {"weight_decay": 0.1}, "adamw only"),
     ("adamw", {"decay": "biases"}, r"unknown weight-decay rule 'biases' \(choose matrices or all\)"),
 ])
 def test_make_optimizer_refuses_what_it_cannot_do(name, kwargs, message):

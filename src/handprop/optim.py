@@ -125,9 +125,7 @@ def decayed_names(params, rule="matrices"):
 def make_optimizer(name, params, weight_decay=0.0, decay="matrices"):
     """The named optimiser over params; decay names the DECAY_RULES entry AdamW's weight decay follows."""
     if name == "sgd":
-        if weight_decay:
-            raise UserError(f"weight decay is applied by adamw only; sgd was given weight_decay={weight_decay:g}")
-        return SGD(params)
+        return SGD(params)                      # no weight decay: the lectures' plain SGD
     if name == "adamw":
         return AdamW(params, weight_decay=weight_decay, decayed=decayed_names(params, decay))
     raise UserError(f"unknown optimizer {name!r} (choose {' or '.join(OPTIMIZERS)})")
