@@ -4,8 +4,19 @@ import hashlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from handprop.data import Vocab, build_examples, bundled_corpus_path, load_corpus, make_splits, split_items
+from handprop.data import (
+    Corpus,
+    Vocab,
+    build_examples,
+    build_sequences,
+    bundled_corpus_path,
+    load_corpus,
+    make_splits,
+    sample_batch,
+    split_items,
+)
 from handprop.errors import UserError
 
 
@@ -69,3 +80,49 @@ def test_missing_file_and_unknown_characters(tmp_path):
         load_corpus(tmp_path / "nope.txt")
     with pytest.raises(UserError, match="'!'"):
         Vocab(("a", "b")).encode("ab!")
+
+
+def test_sequences_score_exactly_the_positions_the_windows_score():
+    windows, sequences = make_splits(load_corpus(), block_size=3), make_splits(load_corpus(), None, form="sequences")
+    assert sequences.signature() == windows.signature() and sequences.train_items == windows.train_items
+    assert [X.shape for X, _ in sequences.tensors.values()] == [(25626, 16), (3203, 16), (3204, 16)]  # longest 15 + 1
+    assert [int((Y != -1).sum()) for _, Y in sequences.tensors.values()] == [182625, 22655, 22866]
+    assert sequences.form == "sequences" and windows.form == "windows"
+
+
+def test_a_sequence_is_the_item_between_boundaries_then_padding():
+    vocab = Vocab.from_items(["ab", "c"])
+    X, Y = build_sequences(["ab", "c"], vocab, 4)
+    assert X.tolist() == [[0, 1, 2, 0], [0, 3, 0, 0]] and Y.tolist() == [[1, 2, 0, -1], [3, 0, -1, -1]]
+    assert X.dtype == Y.dtype == torch.long
+
+
+def test_windows_and_sequences_define_the_same_mean_loss():
+    # a bigram model (logits from the last character alone) sees the same (context, target) pairs in both forms
+    corpus = load_corpus()
+    windows, sequences = make_splits(corpus, block_size=1), make_splits(corpus, None, form="sequences")
+    table = torch.randn(27, 27, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for (Xw, Yw), (Xs, Ys) in zip(windows.tensors.values(), sequences.tensors.values(), strict=True):
+        by_windows = F.cross_entropy(table[Xw[:, -1]], Yw)
+        by_sequences = F.cross_entropy(table[Xs].reshape(-1, 27), Ys.reshape(-1), ignore_index=-1)
+        assert abs(by_windows.item() - by_sequences.item()) <= 1e-12
+
+
+def test_sequences_refuse_a_block_size_shorter_than_the_longest_item():
+    with pytest.raises(UserError, match="longest item has 15 characters.*at least 16.*got 12"):
+        make_splits(load_corpus(), 12, form="sequences")
+    X, Y = make_splits(load_corpus(), 20, form="sequences").tensors["val"]
+    assert X.shape == Y.shape == (3203, 20) and (Y[:, 16:] == -1).all()
+    with pytest.raises(UserError, match=r"unknown data form 'tokens' \(choose windows or sequences\)"):
+        make_splits(load_corpus(), 3, form="tokens")
+
+
+@pytest.mark.parametrize("form, block_size", [("windows", 3), ("sequences", None)])
+def test_sample_batch_draws_paired_rows_as_the_lectures_do(form, block_size):
+    splits = make_splits(Corpus(["anna", "bob", "eve", "zoe", "ada", "ian", "kim", "lea", "max", "ned"], 0, "", ""),
+                         block_size, form=form)
+    X, Y = splits.tensors["train"]
+    Xb, Yb = sample_batch(X, Y, 64, torch.Generator().manual_seed(1))
+    ix = torch.randint(0, X.shape[0], (64,), generator=torch.Generator().manual_seed(1))   # the lectures' draw
+    assert torch.equal(Xb, X[ix]) and torch.equal(Yb, Y[ix])      # each input row with its own targets
+    assert Xb.shape[0] == Yb.shape[0] == 64 and Xb.shape[1:] == X.shape[1:] and Yb.shape[1:] == Y.shape[1:]

@@ -2,13 +2,16 @@
 
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handprop.data import Corpus, Vocab, build_examples, make_splits, split_items
+from handprop.errors import UserError
 
 # items are non-blank single lines of any characters (what load_corpus can hand on)
-item = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\x00"), min_size=1, max_size=12).filter(str.strip)
+item = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\x00"),
+               min_size=1, max_size=12).filter(str.strip)
 items = st.lists(item, min_size=10, max_size=60)
 
 
@@ -33,7 +36,8 @@ def test_splits_are_disjoint_and_cover_the_data(corpus_items, seed):
 def test_context_windows_never_cross_item_boundaries(corpus_items, block_size):
     splits = make_splits(Corpus(corpus_items, 0, "", ""), block_size)
     vocab = splits.vocab
-    for split_items_, (X, Y) in zip((splits.train_items, splits.val_items, splits.test_items), splits.tensors.values()):
+    split_lists = (splits.train_items, splits.val_items, splits.test_items)
+    for split_items_, (X, Y) in zip(split_lists, splits.tensors.values(), strict=True):
         row = 0
         for text in split_items_:
             padded = [0] * block_size + vocab.encode(text) + [0]   # the item alone, between boundaries
@@ -42,3 +46,31 @@ def test_context_windows_never_cross_item_boundaries(corpus_items, block_size):
                 assert Y[row].item() == padded[j + block_size]
                 row += 1
         assert row == X.shape[0] == Y.shape[0]
+
+
+@settings(max_examples=50)
+@given(items, st.integers(0, 4))
+def test_sequences_are_each_item_between_boundaries_shifted_by_one(corpus_items, extra):
+    longest = max(len(text) for text in corpus_items)
+    block_size = None if extra == 0 else longest + extra        # the default width, or a wider one
+    splits = make_splits(Corpus(corpus_items, 0, "", ""), block_size, form="sequences")
+    vocab, T = splits.vocab, longest + max(extra, 1)
+    split_lists = (splits.train_items, splits.val_items, splits.test_items)
+    for split_items_, (X, Y) in zip(split_lists, splits.tensors.values(), strict=True):
+        assert X.shape == Y.shape == (len(split_items_), T)     # one width for every split
+        windows = build_examples(split_items_, vocab, 1)[1]
+        assert int((Y != -1).sum()) == windows.shape[0]         # the positions the windows score, no more, no less
+        for row, text in enumerate(split_items_):
+            n, x, y = len(text), X[row].tolist(), Y[row].tolist()
+            assert y[: n + 1] == vocab.encode(text) + [0]       # its characters, then the end token
+            assert x[: n + 1] == [0] + y[:n]                    # the targets are the inputs shifted by one
+            assert x[n + 1 :] == [0] * (T - n - 1) and y[n + 1 :] == [-1] * (T - n - 1)   # padding: 0 in, ignored out
+
+
+@settings(max_examples=25)
+@given(items, st.integers(1, 15))
+def test_sequences_refuse_any_block_size_too_short_for_the_longest_item(corpus_items, shortfall):
+    longest = max(len(text) for text in corpus_items)
+    too_short = longest + 1 - shortfall
+    with pytest.raises(UserError, match=f"has {longest} characters.*at least {longest + 1}.*got {too_short}$"):
+        make_splits(Corpus(corpus_items, 0, "", ""), too_short, form="sequences")

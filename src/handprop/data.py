@@ -1,10 +1,11 @@
-"""Corpus loading and validation, the vocabulary, the lectures' seeded split, batches."""
+"""Corpus loading and validation, the vocabulary, the lectures' seeded split, windows and sequences, batches."""
 
 import hashlib
 import random
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ BOUNDARY = "."              # how the start/end token (index 0) is shown
 MAX_ITEM_LENGTH = 1000      # characters; a longer line is almost surely not one item per line
 SPLIT_SEED = 42             # the lectures' random.seed(42) before shuffling the words
 SPLIT_NAMES = ("train", "val", "test")
+IGNORED = -1                # target of a padding position in the sequence form: it has no loss
+FORMS = ("windows", "sequences")    # block_size characters of context -> the next one; whole items, padded
 
 
 def bundled_corpus_path():
@@ -130,6 +133,30 @@ def build_examples(items, vocab, block_size):
     return torch.tensor(contexts, dtype=torch.long).reshape(-1, block_size), torch.tensor(targets, dtype=torch.long)
 
 
+def check_sequence_length(longest, length):
+    """A sequence of length positions must hold the longest item and its boundary token."""
+    if length < longest + 1:
+        raise UserError(f"the longest item has {longest} characters, so whole-item sequences need a block size "
+                        f"of at least {longest + 1} (its characters and the boundary); got {length}")
+
+
+def build_sequences(items, vocab, length):
+    """Whole items: X (N, length) = [0, c1..cn, 0 ...], Y (N, length) = [c1..cn, 0, -1 ...]."""
+    encoded = [vocab.encode(item) for item in items]
+    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)         # (N,)
+    check_sequence_length(int(lengths.max()), length)
+    chars = torch.tensor(list(chain.from_iterable(encoded)), dtype=torch.long)  # (sum n,) every item, back to back
+    rows = torch.repeat_interleave(torch.arange(len(items)), lengths)           # (sum n,) the item of each character
+    starts = torch.cumsum(lengths, 0) - lengths                                 # (N,) where each item begins in chars
+    cols = torch.arange(chars.shape[0]) - starts[rows]                          # (sum n,) position inside its item
+    X = torch.zeros(len(items), length, dtype=torch.long)                       # padding inputs are 0
+    X[rows, cols + 1] = chars                                                   # after the start boundary
+    Y = torch.full((len(items), length), IGNORED, dtype=torch.long)
+    Y[rows, cols] = chars                                                       # each input predicts the next
+    Y[torch.arange(len(items)), lengths] = 0                                    # ...and the last, the end boundary
+    return X, Y
+
+
 @dataclass
 class Splits:
     """The three splits of a corpus as example tensors, plus what defines them."""
@@ -138,7 +165,8 @@ class Splits:
     train_items: list
     val_items: list
     test_items: list
-    tensors: dict           # split name -> (X (N, block_size), Y (N,))
+    tensors: dict           # split name -> windows: (X (N, block_size), Y (N,)); sequences: (X (N, T), Y (N, T))
+    form: str = "windows"   # one of FORMS
 
     def signature(self):
         """A hash of the split itself, so a checkpoint can tell it is resumed on the same data."""
@@ -148,19 +176,30 @@ class Splits:
         return h.hexdigest()
 
 
-def make_splits(corpus, block_size, seed=SPLIT_SEED, vocab=None, device="cpu"):
-    """Vocabulary (from the corpus unless given), split, and example tensors on device."""
+def make_splits(corpus, block_size, seed=SPLIT_SEED, vocab=None, device="cpu", form="windows"):
+    """Vocabulary (from the corpus unless given), split, and example tensors on device, in the given form.
+
+    windows: block_size characters of context -> the next character. sequences: each item whole, padded to
+    block_size positions (None: the longest item + 1, the same for every split).
+    """
+    if form not in FORMS:
+        raise UserError(f"unknown data form {form!r} (choose {' or '.join(FORMS)})")
     vocab = vocab or Vocab.from_items(corpus.items)
     train, val, test = split_items(corpus.items, seed)
+    if form == "sequences":             # one width for every split, checked against the whole corpus's longest item
+        longest = max(len(item) for item in corpus.items)
+        block_size = longest + 1 if block_size is None else block_size
+        check_sequence_length(longest, block_size)
+    build = build_examples if form == "windows" else build_sequences
     tensors = {}
     for name, items in (("train", train), ("val", val), ("test", test)):
-        X, Y = build_examples(items, vocab, block_size)
+        X, Y = build(items, vocab, block_size)
         tensors[name] = (X.to(device), Y.to(device))
-    return Splits(vocab, train, val, test, tensors)
+    return Splits(vocab, train, val, test, tensors, form)
 
 
 def sample_batch(X, Y, batch_size, generator):
-    """A minibatch drawn uniformly with replacement, as in the lectures."""
+    """A minibatch of rows drawn uniformly with replacement, as in the lectures (windows or sequences)."""
     ix = torch.randint(0, X.shape[0], (batch_size,), generator=generator)
     ix = ix.to(X.device)
-    return X[ix], Y[ix]                     # (B, block_size), (B,)
+    return X[ix], Y[ix]                     # windows (B, block_size), (B,); sequences (B, T), (B, T)

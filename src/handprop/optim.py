@@ -1,11 +1,57 @@
-"""Optimisers that apply hand-computed gradients in place, and the lecture's step schedule."""
+"""Optimisers that apply hand-computed gradients in place, learning-rate schedules, gradient clipping."""
+
+import math
+from functools import partial
 
 import torch
 
+from .errors import UserError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")      # the lectures' single step decay; nanoGPT's warmup then cosine
+DECAY_RULES = {                     # which parameters AdamW's weight decay shrinks, by (name, tensor)
+    "matrices": lambda name, p: p.ndim >= 2,    # weights and embeddings only, as nanoGPT/makemore group them
+    "all": lambda name, p: True,                # every parameter: handprop's original AdamW for the lecture models
+}
+
 
 def lecture_lr(step, max_steps, lr, decay_at=0.5):
-    """lr until decay_at * max_steps, then lr / 10 (the lectures' single step decay)."""
-    return lr if step < int(decay_at * max_steps) else lr / 10
+    """lr for the first max(1, int(decay_at * max_steps)) steps, then lr / 10 (the lectures' single step decay)."""
+    # max(1, ...): even a one-step run takes its first step at the undecayed rate
+    return lr if step < max(1, int(decay_at * max_steps)) else lr / 10
+
+
+def warmup_cosine_lr(step, max_steps, lr, warmup, min_lr):
+    """Linear warmup to lr over warmup steps, then cosine decay to min_lr at max_steps (nanoGPT's get_lr)."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)   # never 0: the first step already moves the weights
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup) / (max_steps - warmup)       # 0 at the end of warmup, 1 at max_steps
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def make_schedule(name, max_steps, lr, decay_at=0.5, warmup=0, min_lr=0.0):
+    """The named schedule as a function step -> learning rate; a bad name or setting is a UserError."""
+    if name == "step":
+        return partial(lecture_lr, max_steps=max_steps, lr=lr, decay_at=decay_at)
+    if name == "cosine":
+        if not 0 <= warmup < max_steps:
+            raise UserError(f"warmup must be at least 0 and shorter than the run: {warmup} warmup steps of {max_steps}")
+        if not 0 <= min_lr <= lr:
+            raise UserError(f"min_lr must lie between 0 and the learning rate {lr:g}, got {min_lr:g}")
+        return partial(warmup_cosine_lr, max_steps=max_steps, lr=lr, warmup=warmup, min_lr=min_lr)
+    raise UserError(f"unknown learning-rate schedule {name!r} (choose {' or '.join(SCHEDULES)})")
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients in place so their global L2 norm is at most max_norm; returns that norm before clipping."""
+    # torch.nn.utils.clip_grad_norm_'s semantics, computed on the device: no .item(), so no host sync
+    grads = list(grads.values())
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))     # 0-d tensor
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)                            # exactly 1 when not clipping
+    torch._foreach_mul_(grads, scale)
+    return total
 
 
 class SGD:
@@ -28,23 +74,35 @@ class SGD:
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov & Hutter 2019), bias-corrected moments."""
 
-    def __init__(self, params, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01):
+    def __init__(self, params, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, decayed=None):
         self.params, self.betas, self.eps, self.weight_decay = params, betas, eps, weight_decay
+        # names of the parameters weight decay shrinks; None: all of them (torch.optim.AdamW with one group)
+        self.decayed = [name for name in params if decayed is None or name in decayed]
         self.m = {name: torch.zeros_like(p) for name, p in params.items()}   # first moment
         self.v = {name: torch.zeros_like(p) for name, p in params.items()}   # second moment
         self.t = 0
 
     def step(self, grads, lr):
+        # the textbook update, one fused call per operation over all parameters (torch.optim's foreach path)
         self.t += 1
         b1, b2 = self.betas
-        for name, p in self.params.items():
-            g = grads[name]
-            self.m[name].mul_(b1).add_(g, alpha=1 - b1)
-            self.v[name].mul_(b2).addcmul_(g, g, value=1 - b2)
-            m_hat = self.m[name] / (1 - b1**self.t)
-            v_hat = self.v[name] / (1 - b2**self.t)
-            p.mul_(1 - lr * self.weight_decay)  # decay the weights themselves, not the gradient
-            p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
+        names = list(self.params)
+        p, g = [self.params[k] for k in names], [grads[k] for k in names]
+        m, v = [self.m[k] for k in names], [self.v[k] for k in names]
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, g, alpha=1 - b1)                 # m <- b1 m + (1 - b1) g
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - b2)          # v <- b2 v + (1 - b2) g^2
+        m_hat = torch._foreach_div(m, 1 - b1**self.t)
+        v_hat = torch._foreach_div(v, 1 - b2**self.t)
+        if self.decayed and self.weight_decay:
+            # decay the weights themselves, not the gradient
+            torch._foreach_mul_([self.params[k] for k in self.decayed], 1 - lr * self.weight_decay)
+        torch._foreach_sqrt_(v_hat)
+        torch._foreach_add_(v_hat, self.eps)
+        torch._foreach_mul_(m_hat, lr)
+        torch._foreach_div_(m_hat, v_hat)
+        torch._foreach_sub_(p, m_hat)                           # p <- p - lr m_hat / (sqrt(v_hat) + eps)
 
     def state_dict(self):
         tensors = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
@@ -57,5 +115,17 @@ class AdamW:
         self.t = numbers["t"]
 
 
-def make_optimizer(name, params, weight_decay=0.0):
-    return SGD(params) if name == "sgd" else AdamW(params, weight_decay=weight_decay)
+def decayed_names(params, rule="matrices"):
+    """The names of the parameters the named decay rule (DECAY_RULES) picks for weight decay."""
+    if rule not in DECAY_RULES:
+        raise UserError(f"unknown weight-decay rule {rule!r} (choose {' or '.join(DECAY_RULES)})")
+    return {name for name, p in params.items() if DECAY_RULES[rule](name, p)}
+
+
+def make_optimizer(name, params, weight_decay=0.0, decay="matrices"):
+    """The named optimiser over params; decay names the DECAY_RULES entry AdamW's weight decay follows."""
+    if name == "sgd":
+        return SGD(params)                      # no weight decay: the lectures' plain SGD
+    if name == "adamw":
+        return AdamW(params, weight_decay=weight_decay, decayed=decayed_names(params, decay))
+    raise UserError(f"unknown optimizer {name!r} (choose {' or '.join(OPTIMIZERS)})")
