@@ -17,7 +17,9 @@ def test_every_layer_and_the_loss_match_autograd_and_finite_differences(seed):
         assert r.autograd_maxdiff <= AUTOGRAD_TOL * r.scale and r.fd_relerr <= FD_TOL
     covered = {r.layer.split(" ")[0] for r in rows}
     assert covered == {"Embedding", "Linear", "BatchNorm1d", "Tanh", "FlattenConsecutive(2)",
-                       "FlattenConsecutive(T)", "CrossEntropy", "Sequential"}
+                       "FlattenConsecutive(T)", "CrossEntropy", "Sequential", "LayerNorm", "GELU", "Dropout",
+                       "Residual", "TokenPositionEmbedding", "CausalSelfAttention", "Recurrent(RNNCell)",
+                       "Recurrent(GRUCell)"}
 
 
 def test_the_check_catches_a_batchnorm_backward_written_for_the_other_variance(monkeypatch):
@@ -50,7 +52,8 @@ def test_batchnorm_running_statistics_follow_pytorch_momentum_semantics():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 5, generator=g, dtype=torch.float64) * 3 + 1
     for bessel in (True, False):
-        bn = BatchNorm1d(torch.ones(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), momentum=0.1, bessel=bessel)
+        ones, zeros = torch.ones(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+        bn = BatchNorm1d(ones, zeros, momentum=0.1, bessel=bessel)
         rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
         for _ in range(3):
             bn.forward(x)
@@ -68,8 +71,9 @@ def test_eval_mode_leaves_running_statistics_alone():
 def test_a_bias_in_front_of_batchnorm_gets_no_gradient():
     # why the lecture calls b1 useless: BatchNorm subtracts any constant shift right back out
     g = torch.Generator().manual_seed(1)
-    model = Sequential([Linear(torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)),
-                        BatchNorm1d(torch.ones(5, dtype=torch.float64) * 1.3, torch.zeros(5, dtype=torch.float64))])
+    f64 = torch.float64
+    linear = Linear(torch.randn(6, 5, generator=g, dtype=f64), torch.randn(5, generator=g, dtype=f64))
+    model = Sequential([linear, BatchNorm1d(torch.ones(5, dtype=f64) * 1.3, torch.zeros(5, dtype=f64))])
     model.forward(torch.randn(10, 6, generator=g, dtype=torch.float64))
     model.backward(torch.randn(10, 5, generator=g, dtype=torch.float64))
     assert model.grads["0.bias"].abs().max() <= 1e-12 * model.grads["0.weight"].abs().max()

@@ -8,9 +8,13 @@ Every backward here is proven against an autograd twin and finite differences in
 gradcheck.py. Nothing in this file calls autograd.
 """
 
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+
+from .errors import UserError
 
 
 class Layer:
@@ -259,3 +263,364 @@ class Sequential(Layer):
     @property
     def grads(self):
         return {f"{i}.{name}": g for i, layer in enumerate(self.layers) for name, g in layer.grads.items()}
+
+
+def prefixed(prefix, named):
+    """{'prefix.name': value}: how a composite names its parts' parameters, buffers and gradients."""
+    return {f"{prefix}.{name}": value for name, value in named.items()}
+
+
+class LayerNorm(Layer):
+    """Layer normalisation (Ba et al. 2016) over the last dimension, with PyTorch's biased variance."""
+
+    def __init__(self, weight, bias, eps=1e-5):
+        self.weight, self.bias, self.eps = weight, bias, eps     # (C,) gamma, (C,) beta
+        self.grads = {}
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)                         # (..., 1)
+        centred = x - mean                                      # (..., C)
+        var = (centred * centred).mean(-1, keepdim=True)        # (..., 1), divides by C
+        self.inv_std = (var + self.eps) ** -0.5
+        self.xhat = centred * self.inv_std                      # (..., C)
+        return self.weight * self.xhat + self.bias
+
+    def backward(self, dout):
+        # dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = gamma * dout, means over C
+        dims = tuple(range(dout.ndim - 1))
+        self.grads = {"weight": (dout * self.xhat).sum(dims), "bias": dout.sum(dims)}
+        dxhat = dout * self.weight
+        mean_dxhat, mean_dxhat_xhat = dxhat.mean(-1, keepdim=True), (dxhat * self.xhat).mean(-1, keepdim=True)
+        return self.inv_std * (dxhat - mean_dxhat - self.xhat * mean_dxhat_xhat)
+
+    def parameters(self):
+        return {"weight": self.weight, "bias": self.bias}
+
+    def describe(self):
+        return str(self.weight.shape[0])
+
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
+
+
+class GELU(Layer):
+    """GELU (Hendrycks & Gimpel 2016) by its tanh approximation, as in GPT-2 and llm.c (not the exact erf form).
+
+    gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), PyTorch's F.gelu(x, approximate="tanh").
+    """
+
+    def forward(self, x):
+        self.x = x
+        self.tanh = torch.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x))
+        return 0.5 * x * (1.0 + self.tanh)
+
+    def backward(self, dout):
+        # d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t the tanh above
+        x, t = self.x, self.tanh
+        return (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * GELU_CUBIC * x * x)) * dout
+
+
+class Dropout(Layer):
+    """Inverted dropout (Srivastava et al. 2014): training drops entries with probability p, scales the rest by 1/(1-p).
+
+    The masks come from the torch.Generator the layer is given, so a run that saves and restores
+    that generator's state draws the same masks after a resume. Identity in evaluation mode.
+    """
+
+    def __init__(self, p, generator):
+        if not 0.0 <= p < 1.0:
+            raise UserError(f"dropout must be at least 0 and below 1, got {p}")
+        self.p, self.generator = p, generator
+        self.mask = None
+
+    def draw_mask(self, x):
+        """1/(1-p) where an entry of x is kept, 0 where it is dropped; advances the generator."""
+        keep = torch.rand(x.shape, generator=self.generator, dtype=x.dtype, device=x.device) >= self.p
+        return keep.to(x.dtype) / (1.0 - self.p)
+
+    def forward(self, x):
+        self.mask = self.draw_mask(x) if self.training and self.p > 0 else None   # same shape as x
+        return x if self.mask is None else x * self.mask
+
+    def backward(self, dout):
+        return dout if self.mask is None else dout * self.mask      # d(x * mask)/dx = mask
+
+    def describe(self):
+        return f"p={self.p:g}"
+
+
+class Residual(Layer):
+    """y = x + inner(x) (He et al. 2016); the inner layer's parameters are named 'inner.<its name>'."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def forward(self, x):
+        return x + self.inner.forward(x)
+
+    def backward(self, dout):
+        return dout + self.inner.backward(dout)     # x fans out: to the sum directly and through inner
+
+    def children(self):
+        return [self.inner]
+
+    def parameters(self):
+        return prefixed("inner", self.inner.parameters())
+
+    def buffers(self):
+        return prefixed("inner", self.inner.buffers())
+
+    @property
+    def grads(self):
+        return prefixed("inner", self.inner.grads)
+
+    def __repr__(self):
+        return "Residual(\n  " + repr(self.inner).replace("\n", "\n  ") + "\n)"
+
+
+class TokenPositionEmbedding(Layer):
+    """A token embedding plus a learned position embedding (GPT-2): (B, T) indices -> (B, T, C)."""
+
+    def __init__(self, wte, wpe):
+        self.wte = wte                          # (V, C) one vector per token
+        self.wpe = wpe                          # (block_size, C) one vector per position
+        self.grads = {}
+
+    def forward(self, ix):
+        self.ix = ix                            # (B, T) token indices, T <= block_size
+        return self.wte[ix] + self.wpe[: ix.shape[1]]   # (B, T, C)
+
+    def backward(self, dout):
+        # dwte[v] = sum of the dout rows whose token is v (scatter-add); dwpe[t] = sum over the batch of dout[:, t]
+        dwte = torch.zeros_like(self.wte).index_add_(0, self.ix.reshape(-1), dout.reshape(-1, self.wte.shape[1]))
+        dwpe = torch.zeros_like(self.wpe)
+        dwpe[: dout.shape[1]] = dout.sum(0)
+        self.grads = {"wte": dwte, "wpe": dwpe}
+        return None                             # indices have no gradient
+
+    def parameters(self):
+        return {"wte": self.wte, "wpe": self.wpe}
+
+    def describe(self):
+        (vocab, dim), block_size = self.wte.shape, self.wpe.shape[0]
+        return f"{vocab}, {dim}, positions {block_size}"
+
+
+def softmax_backward(probs, dprobs):
+    """dL/dscores from dL/dprobs for probs = softmax(scores) along the last dimension (the compact row form)."""
+    return probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))    # dS = P * (dP - sum_j dP_j P_j)
+
+
+def merge_heads(t):
+    """(B, n_head, T, head_size) -> (B, T, C): the heads side by side again."""
+    B, n_head, T, head_size = t.shape
+    return t.transpose(1, 2).reshape(B, T, n_head * head_size)
+
+
+@dataclass
+class KVCache:
+    """The keys and values of every position seen so far, (B, n_head, t, head_size) each, for step()."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def append(self, k, v):
+        """Add one position's keys and values (B, n_head, 1, head_size); return all of them."""
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
+        return self.keys, self.values
+
+
+class CausalSelfAttention(Layer):
+    """Multi-head masked self-attention (Vaswani et al. 2017, GPT-2's layout): (B, T, C) -> (B, T, C).
+
+    qkv is a Linear C -> 3C whose output splits into queries, keys and values (n_head heads of
+    C/n_head each), proj a Linear C -> C. Position t attends to positions 0..t only.
+    """
+
+    def __init__(self, qkv, proj, n_head):
+        width = proj.weight.shape[0]
+        if width % n_head:
+            raise UserError(f"n_embd {width} is not a multiple of n_head {n_head}")
+        self.qkv, self.proj, self.n_head = qkv, proj, n_head
+
+    def split_heads(self, t):
+        """(B, T, C) -> (B, n_head, T, head_size)."""
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def forward(self, x):
+        self.q, self.k, self.v = (self.split_heads(t) for t in self.qkv.forward(x).chunk(3, dim=-1))  # (B, nh, T, hs)
+        self.scale = self.q.shape[-1] ** -0.5                               # 1/sqrt(head_size)
+        scores = (self.q @ self.k.transpose(-2, -1)) * self.scale           # (B, nh, T, T)
+        T = x.shape[1]
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)    # (T, T) True where key > query
+        self.probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)   # (B, nh, T, T), 0 on the future
+        return self.proj.forward(merge_heads(self.probs @ self.v))         # (B, T, C)
+
+    def backward(self, dout):
+        # y = P v: dP = dy v^T, dv = P^T dy; scores = q k^T * scale: dq = dS k * scale, dk = dS^T q * scale
+        dy = self.split_heads(self.proj.backward(dout))                     # (B, nh, T, hs)
+        dprobs = dy @ self.v.transpose(-2, -1)                              # (B, nh, T, T)
+        dv = self.probs.transpose(-2, -1) @ dy
+        dscores = softmax_backward(self.probs, dprobs) * self.scale         # 0 on the future, where P is 0
+        dq, dk = dscores @ self.k, dscores.transpose(-2, -1) @ self.q
+        return self.qkv.backward(torch.cat([merge_heads(dq), merge_heads(dk), merge_heads(dv)], dim=-1))
+
+    def new_cache(self):
+        return KVCache()
+
+    def step(self, x_t, cache):
+        """The forward's output at the next position only: x_t (B, 1, C); cache (a KVCache) grows by one position."""
+        q, k, v = (self.split_heads(t) for t in self.qkv.forward(x_t).chunk(3, dim=-1))  # (B, nh, 1, hs) each
+        keys, values = cache.append(k, v)                                   # (B, nh, t, hs): no future to mask
+        probs = torch.softmax((q @ keys.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)   # (B, nh, 1, t)
+        return self.proj.forward(merge_heads(probs @ values))              # (B, 1, C)
+
+    def children(self):
+        return [self.qkv, self.proj]
+
+    def parameters(self):
+        return prefixed("qkv", self.qkv.parameters()) | prefixed("proj", self.proj.parameters())
+
+    @property
+    def grads(self):
+        return prefixed("qkv", self.qkv.grads) | prefixed("proj", self.proj.grads)
+
+    def describe(self):
+        return f"{self.proj.weight.shape[0]}, {self.n_head} head{'s' if self.n_head > 1 else ''}"
+
+
+class RNNCell(Layer):
+    """makemore's RNN cell: h' = tanh([x, h] @ W + b), W (C + H, H). Run over time by Recurrent."""
+
+    def __init__(self, weight, bias):
+        self.weight = weight                    # (C + H, H)
+        self.bias = bias                        # (H,)
+
+    def step(self, x, h):
+        """h' (B, H) from x (B, C) and h (B, H), and the cache step_backward needs."""
+        xh = torch.cat([x, h], dim=1)                               # (B, C + H)
+        h_next = torch.tanh(xh @ self.weight + self.bias)           # (B, H)
+        return h_next, (xh, h_next)
+
+    def step_backward(self, dh_next, cache):
+        """(dL/dx, dL/dh, this step's parameter gradients) from dL/dh'."""
+        # dpre = (1 - h'^2) dh'; dW = [x, h]^T dpre, db = sum of dpre, d[x, h] = dpre W^T
+        xh, h_next = cache
+        dpre = (1.0 - h_next * h_next) * dh_next                    # (B, H)
+        dxh = dpre @ self.weight.T                                  # (B, C + H)
+        H = h_next.shape[1]
+        return dxh[:, :-H], dxh[:, -H:], {"weight": xh.T @ dpre, "bias": dpre.sum(0)}
+
+    def parameters(self):
+        return {"weight": self.weight, "bias": self.bias}
+
+    def describe(self):
+        fan_in, hidden = self.weight.shape
+        return f"{fan_in - hidden} -> {hidden}"
+
+
+class GRUCell(Layer):
+    """makemore's GRU cell (Cho et al. 2014). Run over time by Recurrent. With xh = [x, h]:
+
+    r = sigmoid(xh @ Wr + br), hbar = tanh([x, r * h] @ Wbar + bbar), z = sigmoid(xh @ Wz + bz),
+    h' = (1 - z) * h + z * hbar; each W is (C + H, H).
+    """
+
+    def __init__(self, weight_z, bias_z, weight_r, bias_r, weight_hbar, bias_hbar):
+        self.weight_z, self.bias_z = weight_z, bias_z               # update gate, (C + H, H), (H,)
+        self.weight_r, self.bias_r = weight_r, bias_r               # reset gate
+        self.weight_hbar, self.bias_hbar = weight_hbar, bias_hbar   # candidate state
+
+    def step(self, x, h):
+        """h' (B, H) from x (B, C) and h (B, H), and the cache step_backward needs."""
+        xh = torch.cat([x, h], dim=1)                                       # (B, C + H)
+        r = torch.sigmoid(xh @ self.weight_r + self.bias_r)                 # (B, H)
+        xrh = torch.cat([x, r * h], dim=1)                                  # (B, C + H)
+        hbar = torch.tanh(xrh @ self.weight_hbar + self.bias_hbar)          # (B, H)
+        z = torch.sigmoid(xh @ self.weight_z + self.bias_z)                 # (B, H)
+        return (1.0 - z) * h + z * hbar, (xh, h, r, xrh, hbar, z)
+
+    def step_backward(self, dh_next, cache):
+        """(dL/dx, dL/dh, this step's parameter gradients) from dL/dh'."""
+        # dz = dh' (hbar - h), dhbar = dh' z, dh gets dh' (1 - z) directly plus the paths through r*h and both gates
+        xh, h, r, xrh, hbar, z = cache
+        H = h.shape[1]
+        dpre_z = dh_next * (hbar - h) * z * (1.0 - z)                       # (B, H), sigmoid' = z (1 - z)
+        dpre_hbar = dh_next * z * (1.0 - hbar * hbar)                       # (B, H), tanh' = 1 - hbar^2
+        dxrh = dpre_hbar @ self.weight_hbar.T                               # (B, C + H)
+        dpre_r = dxrh[:, -H:] * h * r * (1.0 - r)                           # (B, H), through r * h to r
+        dxh = dpre_z @ self.weight_z.T + dpre_r @ self.weight_r.T           # (B, C + H)
+        dx = dxh[:, :-H] + dxrh[:, :-H]
+        dh = dxh[:, -H:] + dxrh[:, -H:] * r + dh_next * (1.0 - z)
+        grads = {"weight_z": xh.T @ dpre_z, "bias_z": dpre_z.sum(0), "weight_r": xh.T @ dpre_r,
+                 "bias_r": dpre_r.sum(0), "weight_hbar": xrh.T @ dpre_hbar, "bias_hbar": dpre_hbar.sum(0)}
+        return dx, dh, grads
+
+    def parameters(self):
+        return {"weight_z": self.weight_z, "bias_z": self.bias_z, "weight_r": self.weight_r,
+                "bias_r": self.bias_r, "weight_hbar": self.weight_hbar, "bias_hbar": self.bias_hbar}
+
+    def describe(self):
+        fan_in, hidden = self.weight_z.shape
+        return f"{fan_in - hidden} -> {hidden}"
+
+
+@dataclass
+class HiddenState:
+    """The hidden state (B, H) after the positions seen so far, for Recurrent.step (None: not started)."""
+
+    h: torch.Tensor | None = None
+
+
+class Recurrent(Layer):
+    """A cell run over time from a learned start state h0: (B, T, C) -> (B, T, H), backprop through time.
+
+    Parameters: 'h0' (H,) and the cell's as 'cell.<name>'.
+    """
+
+    def __init__(self, cell, h0):
+        self.cell, self.h0 = cell, h0           # h0 (H,): the same start for every row
+        self.grads = {}
+
+    def forward(self, x):
+        h = self.h0.expand(x.shape[0], -1)                      # (B, H)
+        self.caches, hiddens = [], []
+        for t in range(x.shape[1]):
+            h, cache = self.cell.step(x[:, t], h)               # (B, H)
+            self.caches.append(cache)
+            hiddens.append(h)
+        return torch.stack(hiddens, dim=1)                      # (B, T, H)
+
+    def backward(self, dout):
+        # BPTT: dh'_t = dout[:, t] + what step t+1 sent back to its h; dh0 = what step 0 sent back, summed over B
+        dh = torch.zeros_like(dout[:, 0])                       # (B, H): nothing comes back from after the last step
+        grads = {name: torch.zeros_like(p) for name, p in self.cell.parameters().items()}
+        dxs = [None] * dout.shape[1]
+        for t in reversed(range(dout.shape[1])):
+            dxs[t], dh, step_grads = self.cell.step_backward(dout[:, t] + dh, self.caches[t])
+            for name, g in step_grads.items():
+                grads[name] += g                                # the cell's parameters fan out over time
+        self.cell.grads = grads
+        self.grads = {"h0": dh.sum(0)} | prefixed("cell", grads)
+        return torch.stack(dxs, dim=1)                          # (B, T, C)
+
+    def new_cache(self):
+        return HiddenState()
+
+    def step(self, x_t, state):
+        """The forward's output at the next position only: x_t (B, 1, C); state (a HiddenState) moves on one step."""
+        h = self.h0.expand(x_t.shape[0], -1) if state.h is None else state.h
+        state.h, _ = self.cell.step(x_t[:, 0], h)              # (B, H)
+        return state.h[:, None]                                 # (B, 1, H)
+
+    def children(self):
+        return [self.cell]
+
+    def parameters(self):
+        return {"h0": self.h0} | prefixed("cell", self.cell.parameters())
+
+    def describe(self):
+        return repr(self.cell)

@@ -19,3 +19,32 @@ class CrossEntropy:
         minus_one = self.probs.new_full((B, 1), -1.0)
         dlogits = self.probs.scatter_add(1, self.targets[:, None], minus_one)  # probs - onehot
         return dlogits * (dloss / B)
+
+
+IGNORE_INDEX = -1           # the target of a padded position (makemore's convention)
+
+
+class SequenceCrossEntropy:
+    """Mean negative log-likelihood over the positions whose target is not IGNORE_INDEX (padding).
+
+    Logits (B, T, V) with targets (B, T), or any (..., V) with (...): F.cross_entropy(ignore_index=-1)
+    on the flattened positions. Padded positions take no part in the mean and get zero gradient.
+    """
+
+    def forward(self, logits, targets):
+        self.shape = logits.shape                                       # (B, T, V)
+        flat_targets = targets.reshape(-1)                              # (N,)
+        self.counted = flat_targets != IGNORE_INDEX                     # (N,) bool
+        self.count = self.counted.sum().to(logits.dtype)               # a tensor (no host sync on a GPU), in float
+        self.targets = torch.where(self.counted, flat_targets, 0)      # (N,) any valid index where ignored
+        log_probs = torch.log_softmax(logits.reshape(-1, self.shape[-1]), dim=1)   # (N, V)
+        self.probs = log_probs.exp()                                    # (N, V), kept for backward
+        nll = -log_probs.gather(1, self.targets[:, None])[:, 0]         # (N,)
+        return torch.where(self.counted, nll, 0.0).sum() / self.count   # scalar
+
+    def backward(self, dloss=1.0):
+        # dlogits = (softmax(logits) - onehot(targets)) / count on counted rows, 0 on ignored rows, times dloss
+        minus_one = self.probs.new_full((self.probs.shape[0], 1), -1.0)
+        dlogits = self.probs.scatter_add(1, self.targets[:, None], minus_one)    # (N, V) probs - onehot
+        row_scale = self.counted * (dloss / self.count)                 # (N,) 1/count, or 0 where ignored
+        return (dlogits * row_scale[:, None]).reshape(self.shape)
