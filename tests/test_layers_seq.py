@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from handprop import layers
+from handprop.data import IGNORED
 from handprop.errors import UserError
 from handprop.gradcheck import CELL_TWINS, TWINS, LossLayer, compare, layer_cases, twin_forward
 from handprop.layers import (
@@ -23,7 +24,7 @@ from handprop.layers import (
     RNNCell,
     Sequential,
 )
-from handprop.losses import IGNORE_INDEX, SequenceCrossEntropy
+from handprop.losses import SequenceCrossEntropy
 
 F64 = torch.float64
 
@@ -234,7 +235,7 @@ def test_dropout_masks_replay_from_a_saved_generator_state_and_eval_draws_nothin
 
 def padded_batch(g, B=4, T=6, V=7):
     logits, targets = 2 * randn(g, B, T, V), torch.randint(0, V, (B, T), generator=g)
-    targets[0, 2:], targets[1, 5:] = IGNORE_INDEX, IGNORE_INDEX
+    targets[0, 2:], targets[1, 5:] = IGNORED, IGNORED
     return logits, targets
 
 
@@ -242,10 +243,10 @@ def test_sequence_cross_entropy_equals_pytorch_and_padding_has_no_effect_and_no_
     logits, targets = padded_batch(torch.Generator().manual_seed(4))
     criterion = SequenceCrossEntropy()
     loss = criterion.forward(logits, targets)
-    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORED)
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-15)
     dlogits = criterion.backward(0.7)
-    padded = targets == IGNORE_INDEX
+    padded = targets == IGNORED
     assert torch.equal(dlogits[padded], torch.zeros_like(dlogits[padded]))
     assert dlogits[~padded].abs().sum(-1).min() > 0
     torch.testing.assert_close(dlogits[~padded].sum(-1), torch.zeros((~padded).sum().item(), dtype=F64), atol=1e-16,
@@ -261,7 +262,7 @@ def test_a_bigram_table_read_as_logits_over_padded_sequences_gradchecks():
     V, B, T = 27, 5, 6
     ix, targets = torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)
     ix[:, 0] = 0                                                        # every item starts at the boundary: repeats
-    targets[0, 1:], targets[3, 4:] = IGNORE_INDEX, IGNORE_INDEX
+    targets[0, 1:], targets[3, 4:] = IGNORED, IGNORED
     bigram = Sequential([Embedding(randn(g, V, V)), LossLayer(targets, SequenceCrossEntropy())])
     rows = compare("bigram", bigram, ix, randn(g))
     assert [r.tensor for r in rows] == ["d0.weight"] and rows[0].ok, rows

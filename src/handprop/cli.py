@@ -21,13 +21,13 @@ from .config import (
     preset_config,
     validate_train,
 )
-from .data import load_corpus, make_splits
+from .data import load_corpus
 from .errors import UserError
 from .grade import run_script
-from .models import PRESETS, preset
+from .models import PRESETS, preset, recipe
 from .ninja import check_report, grade
-from .sample import generate
-from .train import Interrupted, evaluate, format_losses, train
+from .sample import sample_items
+from .train import Interrupted, evaluate, format_losses, make_run_splits, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -69,9 +69,10 @@ def add_setting(parser, cls, name, *flags, default=None):
 
 
 MODEL_FLAGS = {"block_size": "--block-size", "n_embd": "--n-embd", "n_hidden": "--n-hidden",
-               "n_layers": "--n-layers", "init": "--init"}
+               "n_layers": "--n-layers", "n_head": "--n-head", "dropout": "--dropout", "init": "--init"}
 TRAIN_FLAGS = {"max_steps": ("--max-steps",), "batch_size": ("-b", "--batch-size"), "lr": ("-l", "--lr"),
-               "lr_decay_at": ("--lr-decay-at",), "optimizer": ("--optimizer",),
+               "schedule": ("--schedule",), "lr_decay_at": ("--lr-decay-at",), "warmup": ("--warmup",),
+               "min_lr": ("--min-lr",), "grad_clip": ("--grad-clip",), "optimizer": ("--optimizer",),
                "weight_decay": ("-w", "--weight-decay"), "seed": ("--seed",), "save_every": ("--save-every",),
                "log_every": ("--log-every",)}
 
@@ -102,7 +103,8 @@ def build_parser():
     t.add_argument("--model", default=None, choices=list(PRESETS), help="named configuration (default mlp: lecture 4, "
                    "exercise 4)")
     for name, flags in TRAIN_FLAGS.items():
-        add_setting(t, TrainConfig, name, *flags)
+        default = getattr(recipe("mlp"), name)
+        add_setting(t, TrainConfig, name, *flags, default=f"default: the model's recipe; mlp's is {format_number(default)}")
     for name, flag in MODEL_FLAGS.items():
         add_setting(t, ModelConfig, name, flag, default="default: the model's")
     t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")
@@ -184,7 +186,7 @@ def diagnostics_settings(args, max_steps):
 def new_configs(args, device):
     """The model and training configs of a new run: the preset, changed by the flags."""
     model_config = preset(args.model or "mlp", **model_overrides(args))
-    config = TrainConfig(**train_overrides(args, device))
+    config = replace(recipe(args.model or "mlp"), **train_overrides(args, device))
     config = replace(config, **diagnostics_settings(args, config.max_steps))
     return model_config, validate_train(config, model_config)
 
@@ -248,10 +250,8 @@ def run_sample(args):
     checkpoint = chosen_checkpoint(args)
     generator = torch.Generator(device=args.device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
-    spec = checkpoint.spec
-    max_length = args.max_length or 2 * spec.longest_item
-    names = generate(checkpoint.model, spec.vocab, spec.model_config.block_size, args.num_samples, generator,
-                     max_length, args.prefix)
+    names = sample_items(checkpoint.model, checkpoint.spec, args.num_samples, generator, args.max_length,
+                         args.prefix)
     sys.stdout.write("".join(name + "\n" for name in names))
 
 
@@ -260,7 +260,7 @@ def run_eval(args):
     spec = checkpoint.spec
     corpus = load_corpus(args.input_file or spec.corpus.path)
     check_same_corpus(spec, corpus)
-    splits = make_splits(corpus, spec.model_config.block_size, vocab=spec.vocab, device=args.device)
+    splits = make_run_splits(corpus, spec.model_config, spec.vocab, args.device)
     with torch.inference_mode():
         print(format_losses(evaluate(checkpoint.model, splits)))
 

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field, fields, replace
 
 from .errors import UserError
 
-MODEL_KINDS = ("mlp", "wavenet")
+WINDOW_KINDS = ("mlp", "wavenet")                           # read block_size characters, predict the next
+SEQUENCE_KINDS = ("bigram", "rnn", "gru", "transformer")    # read a whole item, predict every next character
+MODEL_KINDS = WINDOW_KINDS + SEQUENCE_KINDS
 INITS = ("lecture", "naive")
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")      # the lectures' single step decay; nanoGPT's warmup then cosine
 DEVICES = ("cpu", "cuda")
 
 
@@ -24,13 +27,16 @@ def setting(default, help, low=None, high=None, choices=None):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = setting("mlp", "architecture: mlp (Bengio 2003, the lectures 3-4) or wavenet (lecture 5)",
-                        choices=MODEL_KINDS)
+    kind: str = setting("mlp", "architecture: mlp, wavenet (context windows); bigram, rnn, gru, transformer "
+                        "(whole items)", choices=MODEL_KINDS)
     vocab_size: int = setting(27, "tokens, the boundary included (set from the corpus)", 2, 1_000_000)
-    block_size: int = setting(3, "characters of context", 1, 256)
+    block_size: int = setting(3, "characters of context; whole-item models: positions, 0 = longest item + 1",
+                              0, 1024)
     n_embd: int = setting(10, "embedding size per character", 1, 4096)
-    n_hidden: int = setting(200, "units per hidden layer", 1, 16384)
-    n_layers: int = setting(1, "hidden layers (wavenet: log2 of the block size, set from it)", 1, 64)
+    n_hidden: int = setting(200, "units per hidden layer (rnn, gru: the hidden state)", 1, 16384)
+    n_layers: int = setting(1, "hidden layers or transformer blocks (wavenet: log2 of the block size)", 1, 64)
+    n_head: int = setting(4, "attention heads per transformer block (n_embd must be a multiple)", 1, 256)
+    dropout: float = setting(0.0, "transformer dropout probability, in training only", 0.0, 0.9)
     hidden_bias: bool = setting(True, "a bias in the hidden Linear layers (the lecture's exercise 4 keeps b1)")
     batchnorm: bool = setting(True, "a BatchNorm1d after each hidden Linear")
     bessel: bool = setting(True, "BatchNorm normalises with the n-1 variance (lecture) instead of n (PyTorch)")
@@ -38,13 +44,23 @@ class ModelConfig:
     init: str = setting("lecture", "lecture: Kaiming with gain 5/3, a small output layer; naive: unit randn",
                         choices=INITS)
 
+    @property
+    def form(self):
+        """How the model reads the data: 'windows' of block_size characters, or whole-item 'sequences'."""
+        return "sequences" if self.kind in SEQUENCE_KINDS else "windows"
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = setting(200_000, "optimisation steps", 1, 10**9)
     batch_size: int = setting(32, "examples per step, drawn with replacement", 1, 10**6)
     lr: float = setting(0.1, "learning rate before the decay", 1e-9, 100.0)
-    lr_decay_at: float = setting(0.5, "fraction of the steps after which the learning rate drops 10x", 0.0, 1.0)
+    schedule: str = setting("step", "learning rate: step (the lectures: lr, then lr/10 from --lr-decay-at) or "
+                            "cosine (linear warmup, then cosine decay to --min-lr)", choices=SCHEDULES)
+    lr_decay_at: float = setting(0.5, "step schedule: fraction of the steps after which lr drops 10x", 0.0, 1.0)
+    warmup: int = setting(0, "cosine schedule: steps of linear warmup", 0, 10**9)
+    min_lr: float = setting(0.0, "cosine schedule: the learning rate at the last step", 0.0, 100.0)
+    grad_clip: float = setting(0.0, "clip the gradients' global L2 norm to this; 0 does not clip", 0.0, 1e6)
     optimizer: str = setting("sgd", "update rule: sgd (the lecture) or adamw", choices=OPTIMIZERS)
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay (adamw only)", 0.0, 1.0)
     seed: int = setting(2147483647, "seeds the init and the batch order (the lecture's generator seed)", 0, 2**63 - 1)
@@ -89,6 +105,10 @@ def validate_model(config):
     """Every field in range, and the combinations a model can be built from; returns config."""
     for f in fields(config):
         check_field(config, f)
+    if config.kind in WINDOW_KINDS and config.block_size < 1:
+        raise UserError(f"{config.kind} needs a block size of at least 1")
+    if config.kind == "transformer" and config.n_embd % config.n_head:
+        raise UserError(f"the transformer's n_embd ({config.n_embd}) must be a multiple of its heads ({config.n_head})")
     if config.kind == "wavenet":
         if config.block_size < 2 or config.block_size & (config.block_size - 1):
             raise UserError(f"wavenet needs a block size that is a power of two >= 2, got {config.block_size}")
@@ -106,7 +126,11 @@ def validate_train(config, model_config):
     if config.weight_decay and config.optimizer != "adamw":
         raise UserError(f"weight decay is applied by adamw only; with {config.optimizer} it would do nothing "
                         "(add --optimizer adamw, or drop -w)")
-    if config.batch_size < 2 and model_config.batchnorm:
+    if config.schedule == "cosine" and config.warmup >= config.max_steps:
+        raise UserError(f"--warmup {config.warmup} leaves no steps to decay over (max-steps {config.max_steps})")
+    if config.schedule == "cosine" and config.min_lr > config.lr:
+        raise UserError(f"--min-lr {config.min_lr:g} is above the learning rate {config.lr:g}")
+    if config.batch_size < 2 and model_config.batchnorm and model_config.kind in WINDOW_KINDS:
         raise UserError("BatchNorm needs at least 2 examples per batch to estimate a variance; use -b 2 or more, "
                         "or --no-batchnorm")
     return config

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .data import IGNORED
 from .layers import (
     GELU,
     BatchNorm1d,
@@ -29,7 +30,7 @@ from .layers import (
     Tanh,
     TokenPositionEmbedding,
 )
-from .losses import IGNORE_INDEX, CrossEntropy, SequenceCrossEntropy
+from .losses import CrossEntropy, SequenceCrossEntropy
 
 AUTOGRAD_TOL = 1e-12        # max |hand - autograd| relative to max |autograd|, in float64
 FD_TOL = 1e-7               # ||hand - numerical|| / (||hand|| + ||numerical||), in float64
@@ -150,7 +151,7 @@ class LossLayer(Layer):
 def loss_twin(layer, logits, p):
     if isinstance(layer.criterion, SequenceCrossEntropy):
         flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), layer.targets.reshape(-1)
-        return F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX)    # scalar
+        return F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORED)    # scalar
     return F.cross_entropy(logits, layer.targets)                       # scalar
 
 
@@ -347,7 +348,7 @@ def sequence_cases(draw):
     def padded_targets():           # each row counts its first 1..T positions; row 0 only one, so padding occurs
         lengths = draw.indices(T, B) + 1
         lengths[0] = 1
-        return draw.indices(V, B, T).masked_fill(torch.arange(T) >= lengths[:, None], IGNORE_INDEX)
+        return draw.indices(V, B, T).masked_fill(torch.arange(T) >= lengths[:, None], IGNORED)
 
     def block(width=4):             # a pre-LayerNorm transformer block (GPT-2) with dropout; MLP width+1 wide
         hidden = width + 1

@@ -53,12 +53,27 @@ class Layer:
     def eval(self):
         return self.train(False)
 
+    def new_cache(self):
+        """What step() keeps from one position to the next (None: the layer treats each position alone)."""
+        return None
+
+    def step(self, x_t, cache):
+        """The forward's output at the next position only, x_t (B, 1, ...): sampling one character at a time."""
+        return self.forward(x_t)
+
     def __repr__(self):
         return f"{type(self).__name__}({self.describe()})"
 
     def describe(self):
         """The shapes and settings shown inside the parentheses of repr."""
         return ""
+
+
+def walk(layer):
+    """layer and every layer inside it, depth first."""
+    yield layer
+    for child in layer.children():
+        yield from walk(child)
 
 
 @contextmanager
@@ -250,6 +265,14 @@ class Sequential(Layer):
     def children(self):
         return self.layers
 
+    def new_cache(self):
+        return [layer.new_cache() for layer in self.layers]
+
+    def step(self, x_t, cache):
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x_t = layer.step(x_t, layer_cache)
+        return x_t
+
     def __repr__(self):
         lines = [f"  ({i}) {layer!r}".replace("\n", "\n  ") for i, layer in enumerate(self.layers)]
         return "Sequential(\n" + "\n".join(lines) + "\n)"
@@ -362,6 +385,12 @@ class Residual(Layer):
     def backward(self, dout):
         return dout + self.inner.backward(dout)     # x fans out: to the sum directly and through inner
 
+    def new_cache(self):
+        return self.inner.new_cache()
+
+    def step(self, x_t, cache):
+        return x_t + self.inner.step(x_t, cache)
+
     def children(self):
         return [self.inner]
 
@@ -377,6 +406,13 @@ class Residual(Layer):
 
     def __repr__(self):
         return "Residual(\n  " + repr(self.inner).replace("\n", "\n  ") + "\n)"
+
+
+@dataclass
+class Position:
+    """How many positions step() has embedded so far."""
+
+    t: int = 0
 
 
 class TokenPositionEmbedding(Layer):
@@ -398,6 +434,15 @@ class TokenPositionEmbedding(Layer):
         dwpe[: dout.shape[1]] = dout.sum(0)
         self.grads = {"wte": dwte, "wpe": dwpe}
         return None                             # indices have no gradient
+
+    def new_cache(self):
+        return Position()
+
+    def step(self, ix_t, cache):
+        """The next position's embedding: ix_t (B, 1) at position cache.t, which moves on by one."""
+        out = self.wte[ix_t] + self.wpe[cache.t]    # (B, 1, C)
+        cache.t += 1
+        return out
 
     def parameters(self):
         return {"wte": self.wte, "wpe": self.wpe}

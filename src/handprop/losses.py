@@ -2,6 +2,8 @@
 
 import torch
 
+from .data import IGNORED
+
 
 class CrossEntropy:
     """Mean negative log-likelihood of the targets under softmax(logits)."""
@@ -21,11 +23,11 @@ class CrossEntropy:
         return dlogits * (dloss / B)
 
 
-IGNORE_INDEX = -1           # the target of a padded position (makemore's convention)
+
 
 
 class SequenceCrossEntropy:
-    """Mean negative log-likelihood over the positions whose target is not IGNORE_INDEX (padding).
+    """Mean negative log-likelihood over the positions whose target is not IGNORED (padding).
 
     Logits (B, T, V) with targets (B, T), or any (..., V) with (...): F.cross_entropy(ignore_index=-1)
     on the flattened positions. Padded positions take no part in the mean and get zero gradient.
@@ -34,7 +36,7 @@ class SequenceCrossEntropy:
     def forward(self, logits, targets):
         self.shape = logits.shape                                       # (B, T, V)
         flat_targets = targets.reshape(-1)                              # (N,)
-        self.counted = flat_targets != IGNORE_INDEX                     # (N,) bool
+        self.counted = flat_targets != IGNORED                     # (N,) bool
         self.count = self.counted.sum().to(logits.dtype)               # a tensor (no host sync on a GPU), in float
         self.targets = torch.where(self.counted, flat_targets, 0)      # (N,) any valid index where ignored
         log_probs = torch.log_softmax(logits.reshape(-1, self.shape[-1]), dim=1)   # (N, V)

@@ -1,12 +1,33 @@
-"""Named model configurations, each built as a Sequential of hand-differentiated layers."""
+"""Named model configurations, each built as a Sequential of hand-differentiated layers.
+
+Window models (mlp, wavenet) read block_size characters and predict the next one; sequence
+models (bigram, rnn, gru, transformer) read a whole item and predict every next character.
+Each model owns its init here, in one place.
+"""
 
 import math
 
 import torch
 
-from .config import ModelConfig, preset_config, validate_model
+from .config import SEQUENCE_KINDS, ModelConfig, TrainConfig, preset_config, validate_model
 from .errors import UserError
-from .layers import BatchNorm1d, Embedding, FlattenConsecutive, Linear, Sequential, Tanh
+from .layers import (
+    GELU,
+    BatchNorm1d,
+    CausalSelfAttention,
+    Dropout,
+    Embedding,
+    FlattenConsecutive,
+    GRUCell,
+    LayerNorm,
+    Linear,
+    Recurrent,
+    Residual,
+    RNNCell,
+    Sequential,
+    Tanh,
+    TokenPositionEmbedding,
+)
 
 TANH_GAIN = 5 / 3           # Kaiming gain for tanh (He et al. 2015; torch.nn.init.calculate_gain)
 
@@ -17,7 +38,31 @@ PRESETS = {
     "deep": ModelConfig(n_hidden=100, n_layers=5, hidden_bias=False),       # part 3's deeper net
     "wavenet": ModelConfig(kind="wavenet", block_size=8, n_embd=24, n_hidden=128, n_layers=3,   # part 5
                            hidden_bias=False),
+    # makemore's models, block_size 0 = as many positions as the longest item needs
+    "bigram": ModelConfig(kind="bigram", block_size=0, batchnorm=False),
+    "rnn": ModelConfig(kind="rnn", block_size=0, n_embd=64, n_hidden=64, batchnorm=False),
+    "gru": ModelConfig(kind="gru", block_size=0, n_embd=64, n_hidden=64, batchnorm=False),
+    "transformer": ModelConfig(kind="transformer", block_size=0, n_embd=64, n_layers=4, n_head=4, dropout=0.1,
+                               batchnorm=False),
 }
+
+
+# the training recipe each model trains with unless flags say otherwise (the lectures' SGD when not listed)
+RECIPES = {
+    "bigram": TrainConfig(max_steps=5000, optimizer="adamw", lr=0.1, schedule="cosine", save_every=1000,
+                          log_every=1000),
+    "rnn": TrainConfig(max_steps=20_000, optimizer="adamw", lr=1e-2, schedule="cosine", warmup=200,
+                       weight_decay=0.01, grad_clip=1.0, save_every=2000, log_every=2000),
+    "gru": TrainConfig(max_steps=20_000, optimizer="adamw", lr=1e-2, schedule="cosine", warmup=200,
+                       weight_decay=0.01, grad_clip=1.0, save_every=2000, log_every=2000),
+    "transformer": TrainConfig(max_steps=30_000, optimizer="adamw", lr=1e-3, schedule="cosine", warmup=200,
+                               min_lr=1e-4, weight_decay=0.01, grad_clip=1.0, save_every=2000, log_every=2000),
+}
+
+
+def recipe(name):
+    """The TrainConfig a named model trains with by default."""
+    return RECIPES.get(name, TrainConfig())
 
 
 def hidden_shapes(config):
@@ -29,13 +74,25 @@ def hidden_shapes(config):
 
 
 def build_model(config, generator=None, dtype=torch.float32, device="cpu"):
-    """The network for config, initialised from generator (the lecture's init or the naive one)."""
+    """The network for config, initialised from generator (which also draws the dropout masks)."""
     config = validate_model(config)
-    lecture = config.init == "lecture"
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).to(device)
 
+    def constant(value, *shape):
+        return torch.full(shape, value, dtype=dtype, device=device)
+
+    if config.kind in SEQUENCE_KINDS and config.block_size < 1:
+        raise UserError(f"{config.kind}'s block size (positions) is set from the corpus before it is built")
+    builders = {"mlp": build_mlp, "wavenet": build_mlp, "bigram": build_bigram, "rnn": build_recurrent,
+                "gru": build_recurrent, "transformer": build_transformer}
+    return builders[config.kind](config, randn, constant, generator)
+
+
+def build_mlp(config, randn, constant, generator):
+    """Lectures 3-5: Embedding, (FlattenConsecutive, Linear, BatchNorm1d, Tanh) per hidden layer, Linear."""
+    lecture = config.init == "lecture"
     layers = [Embedding(randn(config.vocab_size, config.n_embd))]
     for group, fan_in, fan_out in hidden_shapes(config):
         if group > 1:
@@ -47,8 +104,7 @@ def build_model(config, generator=None, dtype=torch.float32, device="cpu"):
             if lecture:  # non-trivial gamma and beta, so a wrong backward cannot hide behind 1 and 0
                 gamma, beta = 1 + randn(fan_out, scale=0.1), randn(fan_out, scale=0.1)
             else:
-                gamma = torch.ones(fan_out, dtype=dtype, device=device)
-                beta = torch.zeros(fan_out, dtype=dtype, device=device)
+                gamma, beta = constant(1.0, fan_out), constant(0.0, fan_out)
             layers.append(BatchNorm1d(gamma, beta, momentum=config.bn_momentum, bessel=config.bessel))
         layers.append(Tanh())
     out_scale = 0.1 if lecture else 1.0     # a small output layer starts near the uniform guess
@@ -57,8 +113,66 @@ def build_model(config, generator=None, dtype=torch.float32, device="cpu"):
     return Sequential(layers)
 
 
+def build_bigram(config, randn, constant, generator):
+    """makemore's first model: a V x V table whose row for the current character is the next one's logits."""
+    return Sequential([Embedding(constant(0.0, config.vocab_size, config.vocab_size))])
+
+
+def linear(randn, constant, fan_in, fan_out, bias=True):
+    """A Linear with weights of std 1/sqrt(fan_in) (PyTorch's default scale) and zero bias."""
+    weight = randn(fan_in, fan_out, scale=1 / math.sqrt(fan_in))
+    return Linear(weight, constant(0.0, fan_out) if bias else None)
+
+
+def build_recurrent(config, randn, constant, generator):
+    """makemore's RNN / GRU: Embedding, a cell run over time from a learned start state, Linear to the logits."""
+    C, H = config.n_embd, config.n_hidden
+    if config.kind == "rnn":
+        cell = RNNCell(randn(C + H, H, scale=1 / math.sqrt(C + H)), constant(0.0, H))
+    else:
+        gates = [t for _ in range(3) for t in (randn(C + H, H, scale=1 / math.sqrt(C + H)), constant(0.0, H))]
+        cell = GRUCell(*gates)              # update gate z, reset gate r, candidate hbar
+    return Sequential([
+        Embedding(randn(config.vocab_size, C)),             # (B, T) -> (B, T, C)
+        Recurrent(cell, constant(0.0, H)),                  # (B, T, C) -> (B, T, H)
+        linear(randn, constant, H, config.vocab_size),      # (B, T, H) -> (B, T, V)
+    ])
+
+
+def build_transformer(config, randn, constant, generator):
+    """GPT-2 as in makemore and nanoGPT: token + position embeddings, pre-LayerNorm blocks, a last LayerNorm."""
+    C, V, p = config.n_embd, config.vocab_size, config.dropout
+    std, proj_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)    # GPT-2: residual projections scaled down
+
+    def layer_norm():
+        return LayerNorm(constant(1.0, C), constant(0.0, C))
+
+    def block():
+        attention = CausalSelfAttention(Linear(randn(C, 3 * C, scale=std), constant(0.0, 3 * C)),
+                                        Linear(randn(C, C, scale=proj_std), constant(0.0, C)), config.n_head)
+        mlp = [Linear(randn(C, 4 * C, scale=std), constant(0.0, 4 * C)), GELU(),
+               Linear(randn(4 * C, C, scale=proj_std), constant(0.0, C))]
+        return [Residual(Sequential([layer_norm(), attention, Dropout(p, generator)])),
+                Residual(Sequential([layer_norm(), *mlp, Dropout(p, generator)]))]
+
+    return Sequential([
+        TokenPositionEmbedding(randn(V, C, scale=std), randn(config.block_size, C, scale=std)),   # (B, T, C)
+        Dropout(p, generator),
+        *[layer for _ in range(config.n_layers) for layer in block()],
+        layer_norm(),
+        Linear(randn(C, V, scale=std)),                     # (B, T, C) -> (B, T, V), no bias as in GPT-2
+    ])
+
+
 def describe(config):
     """One line naming the architecture, e.g. 'mlp, 5 hidden layers of 100, block 3, n_embd 10'."""
+    if config.kind == "bigram":
+        return f"bigram, a {config.vocab_size} x {config.vocab_size} table of logits"
+    if config.kind in ("rnn", "gru"):
+        return f"{config.kind}, hidden state {config.n_hidden}, n_embd {config.n_embd}"
+    if config.kind == "transformer":
+        return (f"transformer, {config.n_layers} blocks of {config.n_head} heads, n_embd {config.n_embd}, "
+                f"{config.block_size} positions, dropout {config.dropout:g}")
     layers = len(hidden_shapes(config))
     return (f"{config.kind}, {layers} hidden layer{'s' if layers > 1 else ''} of {config.n_hidden}"
             f"{'' if config.batchnorm else ' (no BatchNorm)'}, block {config.block_size}, n_embd {config.n_embd}")

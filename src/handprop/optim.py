@@ -5,10 +5,9 @@ from functools import partial
 
 import torch
 
+from .config import OPTIMIZERS, SCHEDULES
 from .errors import UserError
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("step", "cosine")      # the lectures' single step decay; nanoGPT's warmup then cosine
 DECAY_RULES = {                     # which parameters AdamW's weight decay shrinks, by (name, tensor)
     "matrices": lambda name, p: p.ndim >= 2,    # weights and embeddings only, as nanoGPT/makemore group them
     "all": lambda name, p: True,                # every parameter: handprop's original AdamW for the lecture models

@@ -19,7 +19,7 @@ from .data import SPLIT_NAMES
 from .diagnostics import FILENAME, SATURATION, load_history, parameters_digest
 from .errors import UserError
 from .models import count_parameters, describe
-from .sample import generate
+from .sample import sample_items
 
 LOSS_POINTS = 200           # the loss curve averages the steps in windows to about this many points
 BINS = 50                   # histogram bins
@@ -215,8 +215,7 @@ def write_report(work_dir, device="cpu"):
     images = render_figures(history)
     spec = checkpoint.spec
     generator = torch.Generator(device=device).manual_seed(spec.train_config.seed)
-    samples = generate(checkpoint.model, spec.vocab, spec.model_config.block_size, SAMPLES, generator,
-                       2 * spec.longest_item)
+    samples = sample_items(checkpoint.model, spec, SAMPLES, generator)
     page = render_html(checkpoint, images, samples)
     written = []                            # everything is drawn before the first file is written
     for name, png in images.items():

@@ -21,25 +21,44 @@ from .checkpoint import (
     save_checkpoint,
     write_readable_config,
 )
-from .data import SPLIT_NAMES, make_splits, sample_batch
+from .data import IGNORED, SPLIT_NAMES, check_sequence_length, make_splits, sample_batch
 from .diagnostics import start_diagnostics
 from .errors import UserError
-from .layers import BatchNorm1d, eval_mode
-from .losses import CrossEntropy
+from .layers import BatchNorm1d, Dropout, eval_mode, walk
+from .losses import CrossEntropy, SequenceCrossEntropy
 from .models import build_model, count_parameters, describe
-from .optim import lecture_lr, make_optimizer
+from .optim import clip_grad_norm, make_optimizer, make_schedule
 
 EVAL_CHUNK = 4096           # examples per forward pass when evaluating: small enough to stay in cache
 
 
+def loss_for(form):
+    """The loss of a data form: the lectures' cross-entropy, or the one that skips padded positions."""
+    return CrossEntropy() if form == "windows" else SequenceCrossEntropy()
+
+
 def split_loss(model, X, Y):
-    """Mean cross-entropy over a whole split, in chunks, in evaluation mode."""
-    criterion, total = CrossEntropy(), 0.0
+    """Mean cross-entropy over every scored position of a whole split, in chunks, in evaluation mode."""
+    criterion = loss_for("windows" if Y.ndim == 1 else "sequences")
+    total, count = 0.0, 0
+    chunk = max(1, EVAL_CHUNK // max(1, X.shape[1] if Y.ndim > 1 else 1))   # about EVAL_CHUNK positions a pass
     with eval_mode(model):
-        for i in range(0, X.shape[0], EVAL_CHUNK):
-            Xc, Yc = X[i : i + EVAL_CHUNK], Y[i : i + EVAL_CHUNK]
-            total += criterion.forward(model.forward(Xc), Yc).item() * Xc.shape[0]
-    return total / X.shape[0]
+        for i in range(0, X.shape[0], chunk):
+            Xc, Yc = X[i : i + chunk], Y[i : i + chunk]
+            scored = Xc.shape[0] if Yc.ndim == 1 else int((Yc != IGNORED).sum())
+            total += criterion.forward(model.forward(Xc), Yc).item() * scored
+            count += scored
+    return total / count
+
+
+def make_run_splits(corpus, model_config, vocab=None, device="cpu"):
+    """The splits in the form the model reads; a sequence model's positions must fit the longest item."""
+    if model_config.form == "windows":
+        return make_splits(corpus, model_config.block_size, vocab=vocab, device=device)
+    splits = make_splits(corpus, None, vocab=vocab, device=device, form="sequences")   # padded to longest + 1
+    if model_config.block_size:
+        check_sequence_length(max(len(item) for item in corpus.items), model_config.block_size)
+    return splits
 
 
 def evaluate(model, splits):
@@ -232,6 +251,9 @@ def resumed_run(checkpoint, config):
                if k.startswith("optim.")}
     optimizer.load_state_dict(tensors, checkpoint.optimizer_state)
     spec = replace(checkpoint.spec, train_config=config)
+    for layer in walk(checkpoint.model):
+        if isinstance(layer, Dropout):
+            layer.generator = generator     # the masks go on from the saved state, as the batches do
     return Run(spec, checkpoint.model, optimizer, generator, checkpoint.step, checkpoint.best_val, checkpoint.step)
 
 
@@ -241,12 +263,14 @@ def prepare(corpus, model_config, config, resume_from):
     if resume_from is not None:
         check_same_corpus(resume_from.spec, corpus)
         vocab = resume_from.spec.vocab
-    splits = make_splits(corpus, model_config.block_size, vocab=vocab, device=config.device)
+    splits = make_run_splits(corpus, model_config, vocab, config.device)
     if resume_from is not None:
         if splits.signature() != resume_from.spec.split_signature:
             raise UserError("the data split differs from the one this run started with")
         return splits, resumed_run(resume_from, config)
     model_config = replace(model_config, vocab_size=splits.vocab.size)
+    if model_config.block_size == 0:        # a sequence model: as many positions as the longest item needs
+        model_config = replace(model_config, block_size=splits.tensors["train"][0].shape[1])
     spec = RunSpec(model_config, config, splits.vocab, corpus.info(), splits.signature(),
                    max(len(item) for item in corpus.items))
     return splits, new_run(spec)
@@ -266,8 +290,9 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
         diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss)
         if run.saved_step is None:          # from step 0 on there is always a checkpoint to resume
             run.save_latest(work_dir, val_loss())
-        sizes = " / ".join(f"{X.shape[0]}" for X, _ in splits.tensors.values())
-        out.write(f"{len(corpus.items)} items, vocabulary {splits.vocab.size}, examples train/val/test {sizes}\n")
+        sizes = " / ".join(f"{int((Y != IGNORED).sum())}" for _, Y in splits.tensors.values())
+        out.write(f"{len(corpus.items)} items, vocabulary {splits.vocab.size}, characters to predict "
+                  f"train/val/test {sizes}\n")
         out.write(f"model {describe(run.spec.model_config)}: {count_parameters(run.model)} parameters"
                   + (f", resuming at step {run.step}" if resume_from else "") + "\n")
         # the loop
@@ -285,12 +310,14 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
 def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
     """The optimisation loop from run.step to max_steps, saving every save_every steps and when asked to stop."""
     config = run.spec.train_config
-    criterion = CrossEntropy()
+    criterion = loss_for(run.spec.model_config.form)
+    schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
+                             config.min_lr)
     progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
     Xtr, Ytr = splits.tensors["train"]
     with stop_requests() as stop:
         while run.step < config.max_steps:
-            lr = lecture_lr(run.step, config.max_steps, config.lr, config.lr_decay_at)
+            lr = schedule(run.step)
             diagnostics.begin(run.step)
             # batch
             Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, run.generator)
@@ -301,6 +328,8 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
                                 f"too high; the last good checkpoint (step {run.saved_step}) is kept in {work_dir}")
             # backward, every gradient by hand
             run.model.backward(criterion.backward())
+            if config.grad_clip:
+                clip_grad_norm(run.model.grads, config.grad_clip)
             diagnostics.after_backward()
             # update
             run.optimizer.step(run.model.grads, lr)
