@@ -8,8 +8,8 @@ import torch
 
 from handprop.cli import main
 from handprop.errors import UserError
-from handprop.grade import grade_namespace, run_script
-from handprop.ninja import GRADIENT_NAMES, grade, lecture_setup
+from handprop.grade import grade, run_script
+from handprop.lecture import GRADIENT_NAMES, lecture_setup
 
 SOLUTION = Path(__file__).parent / "fixtures" / "ninja" / "solution.py"
 
@@ -69,7 +69,7 @@ def broken_solution(tmp_path, pitfall):
 
 
 def quiet_grade(namespace):
-    return grade_namespace(namespace, io.StringIO())
+    return grade(namespace, io.StringIO())
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,10 @@ from .config import (
 )
 from .data import load_corpus, make_splits
 from .errors import UserError
-from .grade import run_script
+from .gradcheck import check_layers
+from .grade import grade, run_script
 from .models import PRESETS, preset
-from .ninja import check_report, grade
+from .ninja import check_report
 from .sample import generate
 from .train import Interrupted, evaluate, format_losses, train
 
@@ -266,7 +267,7 @@ def run_eval(args):
 
 
 def run_check(args):
-    report, ok = check_report()
+    report, ok = check_report(check_layers())
     print(report)
     return 0 if ok else 1
 

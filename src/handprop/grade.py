@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .ninja import GRADIENT_NAMES, PARAMETER_NAMES, batchnorm_backward, cross_entropy_backward, forward_steps, inputs_of
+from .gradcheck import relative_maxdiff
+from .lecture import GRADIENT_NAMES, PARAMETER_NAMES, batchnorm_backward, cross_entropy_backward, forward_steps, inputs_of
 
 RTOL = 1e-5     # right when maxdiff <= RTOL * the largest magnitude among the expected value and what it is computed from
 
@@ -78,8 +79,8 @@ def format_row(r):
     return f"  {r.name:16s} {status:8s} {maxdiff:16s} {r.message}".rstrip()
 
 
-def grade_namespace(namespace, file=None):
-    """Grade the forward and every d<name> defined in namespace (a dict such as globals()); print and return the result."""
+def grade(namespace, file=None):
+    """Grade the forward and every d<name> defined in namespace (e.g. grade(globals())); print and return the result."""
     tensors = learner_inputs(namespace)
     steps = forward_steps(tensors["Xb"].shape[0])
     values, forward_rows = check_forward(namespace, tensors, steps)
@@ -136,7 +137,8 @@ def largest(t):
 
 
 def close(yours, expected, scale):
-    return largest(yours - expected) <= RTOL * scale
+    """yours is expected up to RTOL of scale (the largest magnitude among expected and what it is computed from)."""
+    return relative_maxdiff(largest(yours - expected), scale) <= RTOL
 
 
 def shape_problem(yours, expected):
@@ -216,7 +218,7 @@ def check_forward(namespace, tensors, steps):
 def grade_forward(name, yours, expected, scale, values):
     """ok, or wrong with the known slip it matches."""
     maxdiff = largest(yours - expected)
-    if finite(yours) and maxdiff <= RTOL * scale:
+    if finite(yours) and relative_maxdiff(maxdiff, scale) <= RTOL:
         return Row("forward", name, "ok", "", maxdiff)
     slips = [
         hint for wrong_step, hint in FORWARD_SLIPS.get(name, [])
@@ -286,7 +288,7 @@ def grade_gradient(name, mine, e):
     """ok; follows (right for what it was computed from, which is wrong); or wrong, with the pitfall it matches."""
     scale = max([largest(e.truth[name])] + [largest(e.truth[out]) for out in e.readers[name]])
     maxdiff = largest(mine - e.truth[name])
-    if finite(mine) and maxdiff <= RTOL * scale:
+    if finite(mine) and relative_maxdiff(maxdiff, scale) <= RTOL:
         return Row("gradient", "d" + name, "ok", "", maxdiff)
     reason = follows_from(name, mine, e, scale) if finite(mine) else None
     if reason:
