@@ -1,6 +1,7 @@
 """The grader on a learner's correct solution and on copies broken by one known pitfall each."""
 
 import io
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from handprop.cli import main
 from handprop.errors import UserError
-from handprop.grade import grade, run_script
+from handprop.grade import grade, run_script, shape_problem
 from handprop.lecture import GRADIENT_NAMES, lecture_setup
 
 SOLUTION = Path(__file__).parent / "fixtures" / "ninja" / "solution.py"
@@ -45,6 +46,26 @@ PITFALLS = {
         "dbndiff2 = 1 / (n - 1) * torch.ones_like(bndiff2) * dbnvar",
         "dbndiff2 = 1 / n * torch.ones_like(bndiff2) * dbnvar",
         "dbndiff2", "factor (n-1)/n", {"dbndiff", "dembcat", "dW1", "demb", "dC"},
+    ),
+    "keepdim where none belongs": (
+        "db2 = dlogits.sum(0)",
+        "db2 = dlogits.sum(0, keepdim=True)",
+        "db2", "drop keepdim=True", set(),
+    ),
+    "a loss of shape (1,)": (
+        "loss = -logprobs[range(n), Yb].mean()",
+        "loss = -logprobs[range(n), Yb].mean(0, keepdim=True)",
+        "loss", "drop keepdim=True", set(),
+    ),
+    "no eps in the derivative of bnvar_inv": (
+        "dbnvar = -0.5 * (bnvar + 1e-5) ** -1.5 * dbnvar_inv",
+        "dbnvar = -0.5 * bnvar**-1.5 * dbnvar_inv",
+        "dbnvar", "the eps of bnvar_inv = (bnvar + eps)**-0.5 belongs in the derivative too", set(),
+    ),
+    "embedding gradient added to a copy": (
+        "        dC[Xb[k, j]] += demb[k, j]",
+        "        dC[Xb[k]][j] += demb[k, j]",
+        "dC", "all zeros", set(),
     ),
     "transposed matrix product": (
         "dW2 = h.T @ dlogits",
@@ -95,6 +116,27 @@ def test_each_pitfall_is_flagged_on_exactly_its_row_with_its_hint(tmp_path, pitf
     assert {r.name for r in result.rows if r.status == "follows"} == follows
     assert all(r.status == "ok" for r in result.rows if r.name != row_name and r.name not in follows)
     assert not any(hint in r.message for r in result.rows if r.name != row_name)
+
+
+def test_keepdim_advice_follows_the_direction_of_the_shape_error():
+    right = torch.arange(1.0, 28.0)                                     # (27,)
+    assert shape_problem(right.view(1, 27), right).endswith(": the values are right; drop keepdim=True (or squeeze)")
+    assert shape_problem(right, right.view(1, 27)).endswith(": the values are right; reduce with keepdim=True")
+    assert shape_problem(right.view(27, 1), right.view(1, 27)).endswith(": the values are right; view them as (1, 27)")
+    wrong = shape_problem(-right.view(1, 27), right)
+    assert wrong.endswith("; dropping keepdim=True (or a squeeze) would fix the shape, and the values are wrong too")
+
+
+def test_a_gradient_left_all_zeros_is_not_called_off_by_a_factor(tmp_path):
+    result = quiet_grade(run_script(broken_solution(tmp_path, "embedding gradient added to a copy")))
+    assert "constant factor" not in result["dC"].message
+    assert "yours is all zeros" in result["dC"].message
+
+
+def test_the_missing_eps_is_told_apart_by_which_formula_it_matches(tmp_path):
+    message = quiet_grade(run_script(broken_solution(tmp_path, "no eps in the derivative of bnvar_inv")))["dbnvar"].message
+    # within RTOL of the right gradient, but much closer to the formula without eps
+    assert message.startswith("matches -0.5 * bnvar**-1.5 * dbnvar_inv (no eps) ")
 
 
 def test_follows_rows_name_what_to_fix_first(tmp_path):
@@ -152,8 +194,23 @@ def test_cli_grade_exit_status(tmp_path, capsys):
 def test_cli_grade_missing_or_crashing_script_is_one_line(tmp_path, capsys):
     assert main(["grade", str(tmp_path / "nowhere.py")]) == 2
     assert capsys.readouterr().err == f"handprop: error: no such file: {tmp_path / 'nowhere.py'}\n"
+    assert main(["grade", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"handprop: error: {tmp_path} is a directory, not a script\n"
     crashing = tmp_path / "crash.py"
     crashing.write_text("x = 1\ny = x / 0\n")
     assert main(["grade", str(crashing)]) == 2
     err = capsys.readouterr().err
     assert err == f"handprop: error: {crashing} line 2 raised ZeroDivisionError: division by zero\n"
+
+
+def test_a_script_runs_as_if_started_by_python(tmp_path, capsys):
+    """Its own folder is on sys.path (a sibling module imports) and sys.argv is [its path]; both restored after."""
+    (tmp_path / "ninja_sibling_helper.py").write_text("from handprop.lecture import lecture_setup\n")
+    source = SOLUTION.read_text().replace("from handprop.lecture import", "from ninja_sibling_helper import")
+    script = tmp_path / "solution.py"
+    script.write_text("import sys\nseen_argv = list(sys.argv)\n" + source)
+    path_before, argv_before = list(sys.path), list(sys.argv)
+    assert run_script(script)["seen_argv"] == [str(script)]
+    assert main(["grade", str(script)]) == 0
+    assert "all right" in capsys.readouterr().out
+    assert sys.path == path_before and sys.argv == argv_before

@@ -147,11 +147,22 @@ def shape_problem(yours, expected):
         return None
     problem = f"shape {tuple(yours.shape)}, expected {tuple(expected.shape)}"
     if tuple(d for d in expected.shape if d != 1) == tuple(d for d in yours.shape if d != 1):
-        right = close(yours.reshape(expected.shape), expected, largest(expected))
-        return problem + (": the values are right; reduce with keepdim=True" if right else "; keepdim=True would fix the shape, and the values are wrong too")
+        fix, fixing = size_one_fix(yours.ndim, expected)
+        if close(yours.reshape(expected.shape), expected, largest(expected)):
+            return f"{problem}: the values are right; {fix}"
+        return f"{problem}; {fixing} would fix the shape, and the values are wrong too"
     if yours.ndim == 2 and yours.shape == expected.shape[::-1]:
         return problem + ": it is transposed; check the order of the matrix product"
     return problem
+
+
+def size_one_fix(ndim, expected):
+    """What turns a shape that differs from expected's only in size-1 dimensions into it: (advice, the same as a noun)."""
+    if ndim < expected.ndim:
+        return "reduce with keepdim=True", "keepdim=True"
+    if ndim > expected.ndim:
+        return "drop keepdim=True (or squeeze)", "dropping keepdim=True (or a squeeze)"
+    return f"view them as {tuple(expected.shape)}", f"a view as {tuple(expected.shape)}"
 
 
 def value_problem(yours, expected):
