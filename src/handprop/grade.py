@@ -331,6 +331,10 @@ def follows_from(name, mine, e, scale):
 def gradient_hint(name, yours, expected, values, used, scale):
     """The known pitfall the error pattern matches, in words; None when it matches none."""
     n = values["Xb"].shape[0]
+    if not yours.any():
+        copy = ("; note dC[Xb[k]][j] += ... adds to a copy (indexing with the tensor Xb[k] copies rows): "
+                "dC[Xb[k, j]] += ... or index_add_ adds to dC itself")
+        return "yours is all zeros, as if nothing was ever added to it" + (copy if name == "C" else "")
     if name == "C":
         bad_rows = ((yours - expected).abs().amax(1) > RTOL * scale).nonzero().view(-1)
         lookups = torch.bincount(values["Xb"].view(-1), minlength=yours.shape[0])
