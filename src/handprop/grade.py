@@ -7,6 +7,7 @@ their values (in float64). A gradient that is wrong only because a gradient it w
 from is wrong "follows"; the row to fix is the one marked wrong.
 """
 
+import math
 import runpy
 import sys
 import traceback
@@ -299,6 +300,9 @@ def grade_gradient(name, mine, e):
     """ok; follows (right for what it was computed from, which is wrong); or wrong, with the pitfall it matches."""
     scale = max([largest(e.truth[name])] + [largest(e.truth[out]) for out in e.readers[name]])
     maxdiff = largest(mine - e.truth[name])
+    slip = near_miss(name, mine, e) if finite(mine) else None
+    if slip:
+        return Row("gradient", "d" + name, "wrong", slip, maxdiff)
     if finite(mine) and relative_maxdiff(maxdiff, scale) <= RTOL:
         return Row("gradient", "d" + name, "ok", "", maxdiff)
     reason = follows_from(name, mine, e, scale) if finite(mine) else None
@@ -306,6 +310,35 @@ def grade_gradient(name, mine, e):
         return Row("gradient", "d" + name, "follows", reason, maxdiff)
     hint = gradient_hint(name, mine, e.local[name], e.values, e.used, scale) if finite(mine) else None
     return Row("gradient", "d" + name, "wrong", with_hint(value_problem(mine, e.truth[name]), hint), maxdiff)
+
+
+NEAR_MISSES = {     # slips too small for RTOL to see: (the slipped formula, in code and on the values, what to say)
+    "bnvar": (
+        "-0.5 * bnvar**-1.5 * dbnvar_inv (no eps)",
+        lambda values, used: -0.5 * values["bnvar"] ** -1.5 * used["bnvar_inv"],
+        "the eps of bnvar_inv = (bnvar + eps)**-0.5 belongs in the derivative too",
+    ),
+}
+NEAR_MISS_RATIO = 10    # a slip is named when yours is this many times closer to it than to the right formula
+
+
+def near_miss(name, mine, e):
+    """What to say when mine matches a known slip much more closely than the right formula; None otherwise.
+
+    Both formulas are evaluated on the same upstream gradient (the learner's), so rounding alone
+    cannot favour the slip: for a right gradient the distance to the right formula is rounding,
+    and being ten times closer to the slip means the difference between yours and the right
+    value has the slip's own pattern.
+    """
+    if name not in NEAR_MISSES:
+        return None
+    formula, slipped, hint = NEAR_MISSES[name]
+    to_right, to_slip = largest(mine - e.local[name]), largest(mine - slipped(e.values, e.used))
+    if to_slip * NEAR_MISS_RATIO > to_right:
+        return None
+    times = to_right / to_slip if to_slip else math.inf
+    return (f"matches {formula} {times:.0f} times more closely than the right formula (maxdiff {to_slip:.1e} "
+            f"against {to_right:.1e}): {hint}")
 
 
 def off(names, e):
