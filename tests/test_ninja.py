@@ -81,7 +81,9 @@ def test_handprop_check_passes_and_prints_every_table(capsys):
     out = capsys.readouterr().out
     for title in ("exercise 1", "exercise 2", "exercise 3", "every layer and the loss (float64"):
         assert title in out
-    for layer in ("Embedding", "Linear", "BatchNorm1d bessel", "BatchNorm1d biased", "Tanh", "FlattenConsecutive", "CrossEntropy"):
+    for layer in (
+        "Embedding", "Linear", "BatchNorm1d bessel", "BatchNorm1d biased", "Tanh", "FlattenConsecutive", "CrossEntropy",
+    ):
         assert f"\n{layer}" in out
     assert "FAIL" not in out
     assert out.rstrip().splitlines()[-1].startswith("28 float32 rows and ")

@@ -24,7 +24,7 @@ from .config import (
 from .data import load_corpus, make_splits
 from .errors import UserError
 from .gradcheck import check_layers
-from .grade import grade, run_script
+from .grade import grade_script
 from .models import PRESETS, preset
 from .ninja import check_report
 from .sample import generate
@@ -273,7 +273,7 @@ def run_check(args):
 
 
 def run_grade(args):
-    return 0 if grade(run_script(args.solution)).ok else 1
+    return 0 if grade_script(args.solution).ok else 1
 
 
 def main(argv=None):
