@@ -354,6 +354,15 @@ def test_a_notebook_is_graded_by_running_its_code_cells_in_order(tmp_path, capsy
     assert re.search(r"\n  dlogits \(cell 5, lines 4-6\) +ok", out)
 
 
+def test_a_notebook_that_crashes_names_the_cell_and_line(tmp_path, capsys):
+    notebook = tmp_path / "crash.ipynb"
+    code = {"cell_type": "code", "source": ["x = 1\n", "y = x / 0\n"]}
+    notebook.write_text(json.dumps({"cells": [{"cell_type": "markdown", "source": "# notes"}, code], "nbformat": 4}))
+    assert main(["grade", str(notebook)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"handprop: error: {notebook} cell 2 line 2 raised ZeroDivisionError: division by zero\n"
+
+
 def test_a_file_that_is_not_a_notebook_is_one_line(tmp_path, capsys):
     for text in ('{"cells": 3}', "print('hello')"):
         (tmp_path / "x.ipynb").write_text(text)

@@ -64,7 +64,11 @@ class GradeResult:
         return [r.label for r in self.rows if r.status == "wrong"]
 
     def __getitem__(self, label):
-        return next(r for r in self.rows if r.label == label)
+        """The row shown as label: 'dC', or 'dlogits (lines 46-48)' for one of several versions."""
+        for r in self.rows:
+            if r.label == label:
+                return r
+        raise KeyError(label)
 
     def table(self):
         """The rows as text: forward problems, one line per gradient (and version), and a summary line."""
