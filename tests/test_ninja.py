@@ -1,4 +1,4 @@
-"""The lecture's step-by-step network, the hand-written exercises 1-3, and `handprop check`."""
+"""The lecture's step-by-step network (lecture.py), the hand-written exercises 1-3 (ninja.py), and `handprop check`."""
 
 import functools
 import math
@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from handprop import ninja
+from handprop import cli, lecture, ninja
 from handprop.cli import main
 
 
 @pytest.fixture(scope="module")
 def tensors():
-    return ninja.lecture_setup()
+    return lecture.lecture_setup()
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +22,16 @@ def exercises():
 
 
 def test_the_lecture_setup(tensors):
-    assert sum(tensors[name].numel() for name in ninja.PARAMETER_NAMES) == 4137
+    assert sum(tensors[name].numel() for name in lecture.PARAMETER_NAMES) == 4137
     assert tensors["Xb"].shape == (32, 3) and tensors["Yb"].shape == (32,)
     # non-trivial parameters: a zero bias or a unit gain could hide a wrong backward
     assert tensors["b1"].abs().min() > 0 and tensors["b2"].abs().min() > 0 and tensors["bnbias"].abs().min() > 0
     assert (tensors["bngain"] != 1).all()
-    assert all(torch.equal(tensors[k], ninja.lecture_setup()[k]) for k in tensors)  # fixed seed
+    assert all(torch.equal(tensors[k], lecture.lecture_setup()[k]) for k in tensors)  # fixed seed
 
 
 def test_the_step_by_step_loss_is_the_lectures_starting_point(tensors):
-    loss = ninja.forward(tensors)["loss"].item()
+    loss = lecture.forward(tensors)["loss"].item()
     assert loss == pytest.approx(3.3677, abs=1e-4)          # the lecture's run: 3.3377 (bngain, bnbias differ)
     assert abs(loss - 3.34) < 0.05 and loss > math.log(27)
 
@@ -41,12 +41,12 @@ def test_the_steps_compose_to_the_compact_network(tensors):
     hprebn = t["C"][t["Xb"]].view(32, -1) @ t["W1"] + t["b1"]
     hpreact = t["bngain"] * (hprebn - hprebn.mean(0)) / torch.sqrt(hprebn.var(0, correction=1) + 1e-5) + t["bnbias"]
     compact = F.cross_entropy(torch.tanh(hpreact) @ t["W2"] + t["b2"], t["Yb"])
-    assert ninja.forward(t)["loss"].item() == pytest.approx(compact.item(), abs=1e-12)
+    assert lecture.forward(t)["loss"].item() == pytest.approx(compact.item(), abs=1e-12)
 
 
 def test_exercise_1_every_row_passes_and_is_bit_exact(exercises):
     rows = exercises["exercise 1: backprop through every intermediate"]
-    assert [r.name for r in rows] == list(ninja.GRADIENT_NAMES) and len(rows) == 26
+    assert [r.name for r in rows] == list(lecture.GRADIENT_NAMES) and len(rows) == 26
     assert all(r.ok and r.approximate and r.maxdiff <= 1e-8 for r in rows)
     # every step is the same float32 arithmetic autograd does, as in the lecture
     assert all(r.exact and r.maxdiff == 0.0 for r in rows)
@@ -60,10 +60,10 @@ def test_exercises_2_and_3_pass(exercises):
 
 
 def test_cmp_fails_a_wrong_gradient(tensors):
-    v = ninja.forward(tensors)
-    reference = ninja.autograd_gradients(tensors)["hprebn"]
+    v = lecture.forward(tensors)
+    reference = lecture.autograd_reference(tensors)["hprebn"]
     dhpreact = ninja.backward_by_hand(v)["hpreact"]
-    biased = ninja.batchnorm_backward(dhpreact, v["bngain"], v["bnvar_inv"], v["bnraw"], bessel=False)
+    biased = lecture.batchnorm_backward(dhpreact, v["bngain"], v["bnvar_inv"], v["bnraw"], bessel=False)
     row = ninja.cmp("hprebn", biased, reference)
     assert not row.ok and not row.exact and row.maxdiff > 1e-6
     assert not ninja.cmp("x", reference * (1 + 1e-4), reference).ok
@@ -81,7 +81,9 @@ def test_handprop_check_passes_and_prints_every_table(capsys):
     out = capsys.readouterr().out
     for title in ("exercise 1", "exercise 2", "exercise 3", "every layer and the loss (float64"):
         assert title in out
-    for layer in ("Embedding", "Linear", "BatchNorm1d bessel", "BatchNorm1d biased", "Tanh", "FlattenConsecutive", "CrossEntropy"):
+    for layer in (
+        "Embedding", "Linear", "BatchNorm1d bessel", "BatchNorm1d biased", "Tanh", "FlattenConsecutive", "CrossEntropy",
+    ):
         assert f"\n{layer}" in out
     assert "FAIL" not in out
     assert out.rstrip().splitlines()[-1].startswith("28 float32 rows and ")
@@ -90,7 +92,7 @@ def test_handprop_check_passes_and_prints_every_table(capsys):
 
 def test_handprop_check_exits_1_when_a_row_fails(monkeypatch, capsys):
     monkeypatch.setattr(ninja, "batchnorm_backward", functools.partial(ninja.batchnorm_backward, bessel=False))
-    monkeypatch.setattr(ninja, "check_layers", lambda: [])      # the float64 part is proven in the test above
+    monkeypatch.setattr(cli, "check_layers", lambda: [])        # the float64 part is proven in the test above
     assert main(["check"]) == 1
     out = capsys.readouterr().out
     assert out.count("FAIL") == 2 and out.rstrip().endswith("1 FAIL")

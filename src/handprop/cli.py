@@ -23,9 +23,10 @@ from .config import (
 )
 from .data import load_corpus
 from .errors import UserError
-from .grade import run_script
+from .gradcheck import check_layers
+from .grade import grade_script
 from .models import PRESETS, preset, recipe
-from .ninja import check_report, grade
+from .ninja import check_report
 from .sample import sample_items
 from .train import Interrupted, evaluate, format_losses, make_run_splits, train
 
@@ -266,13 +267,13 @@ def run_eval(args):
 
 
 def run_check(args):
-    report, ok = check_report()
+    report, ok = check_report(check_layers())
     print(report)
     return 0 if ok else 1
 
 
 def run_grade(args):
-    return 0 if grade(run_script(args.solution)).ok else 1
+    return 0 if grade_script(args.solution).ok else 1
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ the `check` command built on it, are the only places handprop uses autograd.
 """
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,13 @@ from .losses import CrossEntropy, SequenceCrossEntropy
 AUTOGRAD_TOL = 1e-12        # max |hand - autograd| relative to max |autograd|, in float64
 FD_TOL = 1e-7               # ||hand - numerical|| / (||hand|| + ||numerical||), in float64
 FD_STEP = 1e-6              # centred difference step
+
+
+def relative_maxdiff(maxdiff, scale):
+    """maxdiff as a fraction of scale, the reference's largest |entry| (0/0 counts as 0, x/0 as inf)."""
+    if scale:
+        return maxdiff / scale
+    return 0.0 if maxdiff == 0 else math.inf
 
 
 # ---- autograd twins: the same forward as each layer, written with differentiable ops ----
@@ -248,7 +256,7 @@ def compare(label, layer, x, dout):
         maxdiff = (hand[name] - ref[name]).abs().max().item()
         scale = ref[name].abs().max().item()
         relerr = ((hand[name] - num[name]).norm() / max((hand[name].norm() + num[name].norm()).item(), 1e-300)).item()
-        ok = maxdiff <= AUTOGRAD_TOL * scale and relerr <= FD_TOL
+        ok = relative_maxdiff(maxdiff, scale) <= AUTOGRAD_TOL and relerr <= FD_TOL
         rows.append(GradRow(label, f"d{name}", maxdiff, scale, relerr, ok))
     return rows
 
