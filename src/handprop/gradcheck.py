@@ -247,7 +247,8 @@ class GradRow:
 
 def compare(label, layer, x, dout):
     """One GradRow per gradient of layer at input x and upstream gradient dout."""
-    hand, ref, num = hand_gradients(layer, x, dout), autograd_gradients(layer, x, dout), numerical_gradients(layer, x, dout)
+    hand, ref = hand_gradients(layer, x, dout), autograd_gradients(layer, x, dout)
+    num = numerical_gradients(layer, x, dout)
     rows = []
     for name in ref:
         if hand.get(name) is None or hand[name].shape != ref[name].shape:

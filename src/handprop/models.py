@@ -70,7 +70,8 @@ def hidden_shapes(config):
     if config.kind == "mlp":
         first = (config.block_size, config.n_embd * config.block_size, config.n_hidden)
         return [first] + [(1, config.n_hidden, config.n_hidden)] * (config.n_layers - 1)
-    return [(2, 2 * config.n_embd, config.n_hidden)] + [(2, 2 * config.n_hidden, config.n_hidden)] * (config.n_layers - 1)
+    deeper = [(2, 2 * config.n_hidden, config.n_hidden)] * (config.n_layers - 1)    # each halves the positions
+    return [(2, 2 * config.n_embd, config.n_hidden)] + deeper
 
 
 def build_model(config, generator=None, dtype=torch.float32, device="cpu"):

@@ -133,12 +133,13 @@ def format_cmp(rows):
 
 def format_layer_rows(rows):
     """gradcheck's float64 rows as a table: layer | gradient | vs autograd | vs finite differences | pass mark."""
-    lines = [f"{'layer':28s} | {'grad':9s} | {'maxdiff':>8s} | {'relative':>8s} | {'fd relerr':>9s} |"]
+    wide, grad = max([28] + [len(r.layer) for r in rows]), max([9] + [len(r.tensor) for r in rows])
+    lines = [f"{'layer':{wide}s} | {'grad':{grad}s} | {'maxdiff':>8s} | {'relative':>8s} | {'fd relerr':>9s} |"]
     for r in rows:
         relative = relative_maxdiff(r.autograd_maxdiff, r.scale)
         lines.append(
-            f"{r.layer:28s} | {r.tensor:9s} | {r.autograd_maxdiff:8.1e} | {relative:8.1e} | {r.fd_relerr:9.1e} | "
-            + ("ok" if r.ok else "FAIL")
+            f"{r.layer:{wide}s} | {r.tensor:{grad}s} | {r.autograd_maxdiff:8.1e} | {relative:8.1e} | "
+            f"{r.fd_relerr:9.1e} | " + ("ok" if r.ok else "FAIL")
         )
     return "\n".join(lines)
 
