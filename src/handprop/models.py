@@ -56,7 +56,7 @@ RECIPES = {
     "gru": TrainConfig(max_steps=20_000, optimizer="adamw", lr=1e-2, schedule="cosine", warmup=200,
                        weight_decay=0.01, grad_clip=1.0, save_every=2000, log_every=2000),
     "transformer": TrainConfig(max_steps=30_000, optimizer="adamw", lr=1e-3, schedule="cosine", warmup=200,
-                               min_lr=1e-4, weight_decay=0.01, grad_clip=1.0, save_every=2000, log_every=2000),
+                               weight_decay=0.01, grad_clip=1.0, save_every=2000, log_every=2000),
 }
 
 
