@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from handprop.data import (
+    MIN_ITEMS,
     Corpus,
     Vocab,
     build_examples,
@@ -60,6 +61,43 @@ def test_crlf_bom_and_blank_lines(tmp_path):
     corpus = load_corpus(path)
     assert corpus.items == ["anna", "bob", "zoë"] and corpus.blank_lines == 2
     assert Vocab.from_items(corpus.items).chars == ("a", "b", "n", "o", "z", "ë")
+
+
+def test_items_lose_their_surrounding_whitespace_but_the_file_keeps_its_hash(tmp_path):
+    raw = " carl\nanna  \n\t bob\t\r\n\u00a0zoë\u00a0\nmary ann\n   \n".encode()
+    path = tmp_path / "names.txt"
+    path.write_bytes(raw)
+    corpus = load_corpus(path)
+    assert corpus.items == ["carl", "anna", "bob", "zoë", "mary ann"] and corpus.blank_lines == 1
+    assert corpus.sha256 == hashlib.sha256(raw).hexdigest()
+    assert Vocab.from_items(corpus.items).chars == (" ", "a", "b", "c", "l", "m", "n", "o", "r", "y", "z", "ë")
+
+
+def test_a_line_is_measured_without_its_surrounding_whitespace(tmp_path):
+    path = tmp_path / "names.txt"
+    path.write_text("ann\n" + " " * 50 + "x" * 1000 + "\n")
+    assert load_corpus(path).items[1] == "x" * 1000
+    path.write_text("ann\n" + "x" * 1001 + "\n")
+    with pytest.raises(UserError, match="line 2 has 1001 characters"):
+        load_corpus(path)
+
+
+@pytest.mark.parametrize("blank_lines, text", [(0, "12 items"), (1, "12 items (1 blank line skipped)"),
+                                               (3, "12 items (3 blank lines skipped)")])
+def test_describe_says_how_many_blank_lines_were_skipped(tmp_path, blank_lines, text):
+    path = tmp_path / "names.txt"
+    path.write_text("\n".join(["a", "bb"] * 6 + [" "] * blank_lines) + "\n")
+    corpus = load_corpus(path)
+    assert corpus.blank_lines == blank_lines and corpus.describe() == text
+
+
+def test_min_items_is_the_fewest_the_split_accepts():
+    for n in range(1, MIN_ITEMS):
+        with pytest.raises(UserError, match=rf"{n} items are too few .* \(need at least {MIN_ITEMS}\)"):
+            split_items([str(i) for i in range(n)])
+    for n in range(MIN_ITEMS, 300):      # from 10 on, 10% of n is at least 1
+        assert all(split_items([str(i) for i in range(n)])), n
+    assert MIN_ITEMS == 6                   # what the README and the error promise
 
 
 @pytest.mark.parametrize("content, message", [

@@ -96,7 +96,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model on a file of items, one per line")
-    t.add_argument("-i", "--input-file", default=None, help="UTF-8 text, one item per line (default: bundled names.txt)")
+    t.add_argument("-i", "--input-file", default=None,
+                   help="UTF-8 text, one item per line; - reads standard input (default: bundled names.txt)")
     t.add_argument("-o", "--work-dir", default="out", help="where checkpoints are saved (default out)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run saved in the work dir exactly where it stopped (a larger --max-steps "
@@ -116,7 +117,8 @@ def build_parser():
     add_setting(t, TrainConfig, "diagnostics_every", "--diagnostics-every", default="default max-steps/100 with "
                 "--diagnostics, else 0: none")
     t.add_argument("--tensorboard", action="store_true",
-                   help="log losses and statistics for TensorBoard in the work dir (pip install 'handprop[tensorboard]')")
+                   help="log losses and statistics for TensorBoard in the work dir "
+                        "(pip install 'handprop[tensorboard]')")
     add_device(t)
     t.set_defaults(run=run_train)
 
@@ -128,14 +130,16 @@ def build_parser():
                    help=f"fixes the samples (default: random; 0 to {format_number(2**63 - 1)})")
     s.add_argument("--prefix", default="", help="every sample starts with this text")
     s.add_argument("--max-length", type=bounded(int, 1, 10**4), default=None, metavar="N",
-                   help="characters at most (default: twice the longest training item; 1 to 10,000)")
+                   help="characters at most in a sample, the prefix included (default: the prefix plus twice the "
+                        "longest training item; 1 to 10,000)")
     add_best(s)
     add_device(s)
     s.set_defaults(run=run_sample)
 
     e = sub.add_parser("eval", help="loss of a trained model on the full train/val/test splits")
     e.add_argument("-o", "--work-dir", default="out", help="the trained model's directory (default out)")
-    e.add_argument("-i", "--input-file", default=None, help="the corpus (default: the one it was trained on)")
+    e.add_argument("-i", "--input-file", default=None,
+                   help="the corpus; - reads standard input (default: the file it was trained on)")
     add_best(e)
     add_device(e)
     e.set_defaults(run=run_eval)
@@ -225,8 +229,7 @@ def run_train(args):
         corpus = load_corpus(args.input_file)
     else:
         model_config, config = resumed_configs(args, device, checkpoint)
-        corpus = load_corpus(args.input_file or checkpoint.spec.corpus.path)
-        check_same_corpus(checkpoint.spec, corpus)
+        corpus = trained_corpus(checkpoint.spec, args.input_file)
         if checkpoint.finished and config.max_steps == checkpoint.step:
             print(f"{args.work_dir} holds a finished run ({checkpoint.step} steps): {format_losses(checkpoint.losses)}"
                   f"; to train it further, resume with a larger --max-steps")
@@ -242,7 +245,7 @@ def run_diagnose(args):
 
 def draw_report(work_dir, device):
     """Write a run's figures and report.html, and say so."""
-    from .report import write_report       # matplotlib costs every command ~0.7 s to import: only drawing pays
+    from .report import write_report  # matplotlib costs every command ~0.7 s to import: only drawing pays
     paths = write_report(work_dir, device)
     sys.stdout.write("wrote " + ", ".join(str(p) for p in paths) + "\n")
 
@@ -256,11 +259,24 @@ def run_sample(args):
     sys.stdout.write("".join(name + "\n" for name in names))
 
 
+def trained_corpus(spec, input_file):
+    """The run's corpus: input_file if given, else the file it was trained on if that can be read again."""
+    info = spec.corpus
+    if input_file is None:
+        path = Path(info.path)
+        if not info.rereadable or (path.exists() and not path.is_file()):   # reading a pipe again would hang
+            raise UserError(f"this run's corpus was read from {info.path}, which cannot be read a second time; "
+                            "give the corpus with -i FILE (or -i - to pipe it in again)")
+        input_file = path
+    corpus = load_corpus(input_file)
+    check_same_corpus(spec, corpus)
+    return corpus
+
+
 def run_eval(args):
     checkpoint = chosen_checkpoint(args)
     spec = checkpoint.spec
-    corpus = load_corpus(args.input_file or spec.corpus.path)
-    check_same_corpus(spec, corpus)
+    corpus = trained_corpus(spec, args.input_file)
     splits = make_run_splits(corpus, spec.model_config, spec.vocab, args.device)
     with torch.inference_mode():
         print(format_losses(evaluate(checkpoint.model, splits)))
@@ -279,7 +295,9 @@ def run_grade(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args) or 0
+        status = args.run(args) or 0
+        sys.stdout.flush()                  # a closed pipe fails here, inside this try, rather than at exit
+        return status
     except UserError as e:
         print(f"handprop: error: {e}", file=sys.stderr)
         return 2

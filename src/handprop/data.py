@@ -1,7 +1,10 @@
 """Corpus loading and validation, the vocabulary, the lectures' seeded split, windows and sequences, batches."""
 
 import hashlib
+import os
 import random
+import stat
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -14,6 +17,9 @@ from .errors import UserError
 
 BOUNDARY = "."              # how the start/end token (index 0) is shown
 MAX_ITEM_LENGTH = 1000      # characters; a longer line is almost surely not one item per line
+MIN_ITEMS = 6               # the fewest items whose 80/10/10 split leaves no split empty: 4 / 1 / 1
+STDIN = "-"                 # the input file name that means standard input
+STDIN_NAME = "<stdin>"      # how standard input is named in messages and in a checkpoint
 SPLIT_SEED = 42             # the lectures' random.seed(42) before shuffling the words
 SPLIT_NAMES = ("train", "val", "test")
 IGNORED = -1                # target of a padding position in the sequence form: it has no loss
@@ -29,50 +35,72 @@ def bundled_corpus_path():
 class CorpusInfo:
     """What a checkpoint remembers of its corpus, to find it again and to recognise it."""
 
-    path: str               # absolute path of the file
+    path: str               # absolute path of the file (<stdin> for standard input)
     sha256: str             # of the file's bytes
     items: int              # non-blank lines
+    rereadable: bool = True  # False for standard input or a pipe: eval and --resume need it again with -i
 
 
 @dataclass(frozen=True)
 class Corpus:
-    items: list             # one string per non-blank line, in file order
+    items: list             # one string per non-blank line, in file order, without its surrounding whitespace
     blank_lines: int        # lines skipped because they were empty or only whitespace
     sha256: str             # of the file's bytes, so a checkpoint knows its data
-    path: str               # absolute, so a checkpoint finds it again from any working directory
+    path: str               # absolute, so a checkpoint finds it again from any working directory (or <stdin>)
+    rereadable: bool = True  # a regular file; standard input and pipes are gone once read
 
     def info(self):
-        return CorpusInfo(self.path, self.sha256, len(self.items))
+        return CorpusInfo(self.path, self.sha256, len(self.items), self.rereadable)
+
+    def describe(self):
+        """The item count and the blank lines skipped, e.g. '32033 items (2 blank lines skipped)'."""
+        if not self.blank_lines:
+            return f"{len(self.items)} items"
+        return f"{len(self.items)} items ({self.blank_lines} blank line{'s' * (self.blank_lines != 1)} skipped)"
 
 
-def load_corpus(path=None):
-    """Read a UTF-8 file with one item per line; any problem is one clear UserError."""
-    path = Path(path) if path is not None else bundled_corpus_path()
+def read_input(path):
+    """The bytes of path (STDIN: standard input), its name, and whether it could be read a second time."""
+    if str(path) == STDIN:
+        if sys.stdin is None:
+            raise UserError("-i - reads standard input, but it is closed")
+        return sys.stdin.buffer.read(), STDIN_NAME, False
+    path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)   # a FIFO or /dev/stdin is empty once read
+            return f.read(), str(path.resolve()), regular
     except FileNotFoundError:
         raise UserError(f"input file not found: {path}") from None
     except IsADirectoryError:
         raise UserError(f"input path is a directory, not a file: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read input file {path}: {e.strerror}") from None
+
+
+def load_corpus(path=None):
+    """Read UTF-8 text with one item per line from a file or standard input ("-"); any problem is one UserError."""
+    path = bundled_corpus_path() if path is None else path
+    raw, resolved, rereadable = read_input(path)
+    name = STDIN_NAME if str(path) == STDIN else path
     if b"\x00" in raw:
-        raise UserError(f"{path} looks binary (it contains NUL bytes); expected UTF-8 text, one item per line")
+        raise UserError(f"{name} looks binary (it contains NUL bytes); expected UTF-8 text, one item per line")
     try:
         text = raw.decode("utf-8-sig")      # -sig drops a leading byte-order mark
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path} is not valid UTF-8 (byte {e.start}, line {line}); save it as UTF-8") from None
+        raise UserError(f"{name} is not valid UTF-8 (byte {e.start}, line {line}); save it as UTF-8") from None
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if lines and lines[-1] == "":
         lines.pop()                         # a trailing newline does not make a blank item
-    items = [line for line in lines if line.strip()]
+    stripped = [line.strip() for line in lines]     # as makemore: " carl" would sample invisible spaces
+    items = [item for item in stripped if item]
     if not items:
-        raise UserError(f"{path} is empty: it has no non-blank lines")
-    for number, line in enumerate(lines, 1):
-        if len(line) > MAX_ITEM_LENGTH:
-            raise UserError(f"{path} line {number} has {len(line)} characters; items are limited to {MAX_ITEM_LENGTH}")
-    return Corpus(items, len(lines) - len(items), hashlib.sha256(raw).hexdigest(), str(path.resolve()))
+        raise UserError(f"{name} is empty: it has no non-blank lines")
+    for number, item in enumerate(stripped, 1):
+        if len(item) > MAX_ITEM_LENGTH:
+            raise UserError(f"{name} line {number} has {len(item)} characters; items are limited to {MAX_ITEM_LENGTH}")
+    return Corpus(items, len(lines) - len(items), hashlib.sha256(raw).hexdigest(), resolved, rereadable)
 
 
 @dataclass(frozen=True)
@@ -117,7 +145,7 @@ def split_items(items, seed=SPLIT_SEED):
     n1, n2 = int(0.8 * len(shuffled)), int(0.9 * len(shuffled))
     train, val, test = shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
     if not (train and val and test):
-        raise UserError(f"{len(items)} items are too few to make train/val/test splits (need at least 10)")
+        raise UserError(f"{len(items)} items are too few to make train/val/test splits (need at least {MIN_ITEMS})")
     return train, val, test
 
 

@@ -291,7 +291,7 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
         if run.saved_step is None:          # from step 0 on there is always a checkpoint to resume
             run.save_latest(work_dir, val_loss())
         sizes = " / ".join(f"{int((Y != IGNORED).sum())}" for _, Y in splits.tensors.values())
-        out.write(f"{len(corpus.items)} items, vocabulary {splits.vocab.size}, characters to predict "
+        out.write(f"{corpus.describe()}, vocabulary {splits.vocab.size}, characters to predict "
                   f"train/val/test {sizes}\n")
         out.write(f"model {describe(run.spec.model_config)}: {count_parameters(run.model)} parameters"
                   + (f", resuming at step {run.step}" if resume_from else "") + "\n")
