@@ -93,6 +93,8 @@ def format_number(x):
     """A value as people write it: 1,000,000,000 and 0.001, never 1e+09; anything else as str()."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return str(x)
+    if isinstance(x, float) and x.is_integer():
+        x = int(x)                          # 1e6 reads 1,000,000
     return f"{x:,}" if isinstance(x, int) else f"{x:g}"
 
 
