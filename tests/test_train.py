@@ -1,18 +1,33 @@
 """Training end to end: autograd stays off, eval repeats training's numbers, sampling is pure."""
 
+import math
+import random
+from dataclasses import replace
+
+import pytest
 import torch
 
 from handprop.checkpoint import load_checkpoint
 from handprop.cli import main
 from handprop.data import load_corpus, split_items
-from handprop.losses import CrossEntropy
-from handprop.models import preset
+from handprop.losses import CrossEntropy, SequenceCrossEntropy
+from handprop.models import preset, recipe
 from handprop.sample import generate
-from handprop.config import TrainConfig
 from handprop.train import train
 
+TINY = {"rnn": {"n_embd": 8, "n_hidden": 16}, "gru": {"n_embd": 8, "n_hidden": 16},
+        "transformer": {"n_embd": 8, "n_layers": 1, "n_head": 2}}     # the transformer keeps its dropout
 
-def test_training_runs_with_autograd_disabled(tmp_path, monkeypatch):
+
+def small_corpus(tmp_path, size=500):
+    """size names drawn from names.txt, as a corpus file of their own (keeps the final evaluations quick)."""
+    path = tmp_path / "names-small.txt"
+    path.write_text("\n".join(random.Random(0).sample(load_corpus().items, size)) + "\n")
+    return load_corpus(path)
+
+
+@pytest.mark.parametrize("name", ["mlp", "bigram", "rnn", "gru", "transformer"])
+def test_training_runs_with_autograd_disabled(name, tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("autograd was called during training")
 
@@ -20,17 +35,20 @@ def test_training_runs_with_autograd_disabled(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.autograd, "backward", forbidden)
     monkeypatch.setattr(torch.autograd, "grad", forbidden)
     modes = []
-    original_forward = CrossEntropy.forward
+    for loss in (CrossEntropy, SequenceCrossEntropy):
+        def spying_forward(self, logits, targets, original=loss.forward):
+            modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), logits.requires_grad))
+            return original(self, logits, targets)
 
-    def spying_forward(self, logits, targets):
-        modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), logits.requires_grad))
-        return original_forward(self, logits, targets)
-
-    monkeypatch.setattr(CrossEntropy, "forward", spying_forward)
-    model, losses = train(load_corpus(), preset("mlp"), TrainConfig(max_steps=50, log_every=25), tmp_path)
+        monkeypatch.setattr(loss, "forward", spying_forward)
+    corpus = small_corpus(tmp_path)
+    # the model's own recipe (optimizer, schedule, clipping), short: 50 steps, 5 of them warmup where it warms up
+    config = replace(recipe(name), max_steps=50, warmup=min(recipe(name).warmup, 5), log_every=25, save_every=25)
+    model, losses = train(corpus, preset(name, **TINY.get(name, {})), config, tmp_path / "run")
     assert len(modes) >= 50 and all(m == (True, False, False) for m in modes)
     assert all(not p.requires_grad and p.grad is None for p in model.parameters().values())
-    assert losses["train"] < 3.2958                              # it learned something: below ln 27
+    vocab_size = len(set("".join(corpus.items))) + 1
+    assert losses["train"] < math.log(vocab_size)               # it learned something: below the uniform guess
 
 
 def test_eval_prints_the_losses_training_printed(trained_dir, capsys):

@@ -201,6 +201,8 @@ def resumed_configs(args, device, checkpoint):
     saved_model, saved = checkpoint.spec.model_config, checkpoint.spec.train_config
     overrides = model_overrides(args)
     requested_model = preset(args.model, **overrides) if args.model else preset_config(saved_model, **overrides)
+    if requested_model.block_size == 0:     # a sequence model's positions, set from the corpus when the run began
+        requested_model = replace(requested_model, block_size=saved_model.block_size)
     config = replace(saved, **train_overrides(args, device))
     config = replace(config, **diagnostics_settings(args, config.max_steps))
     differing = changed_settings(saved_model, requested_model, allowed=("vocab_size",))

@@ -108,7 +108,8 @@ def validate_model(config):
     for f in fields(config):
         check_field(config, f)
     if config.kind in WINDOW_KINDS and config.block_size < 1:
-        raise UserError(f"{config.kind} needs a block size of at least 1")
+        raise UserError(f"{config.kind} needs a --block-size of at least 1, got {config.block_size} (0 means the "
+                        "longest item + 1, for whole-item models only)")
     if config.kind == "transformer" and config.n_embd % config.n_head:
         raise UserError(f"the transformer's n_embd ({config.n_embd}) must be a multiple of its heads ({config.n_head})")
     if config.kind == "wavenet":
