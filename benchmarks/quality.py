@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from handprop.data import IGNORED, load_corpus, sample_batch
 from handprop.gradcheck import twin_forward
-from handprop.layers import BatchNorm1d, walk
+from handprop.layers import BatchNorm1d
 from handprop.models import PRESETS, count_parameters, describe, preset, recipe
 from handprop.optim import SGD, clip_grad_norm, make_schedule
 from handprop.train import evaluate, loss_for, new_run, prepare, recalibrate_batchnorm
@@ -139,7 +139,7 @@ def main():
         fn(run, splits, config)
         trained = time.perf_counter()
         with torch.inference_mode():
-            if any(isinstance(layer, BatchNorm1d) for layer in walk(run.model)):
+            if any(isinstance(layer, BatchNorm1d) for layer in run.model.layers):   # as train.finish
                 recalibrate_batchnorm(run.model, splits.tensors["train"][0])
             results[name] = evaluate(run.model, splits)
         print(f"{name:12s} " + "  ".join(f"{k} {v:.4f}" for k, v in results[name].items())

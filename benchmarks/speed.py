@@ -27,8 +27,8 @@ from handprop.optim import clip_grad_norm, make_optimizer, make_schedule
 from handprop.train import loss_for, new_run, prepare
 
 TABLE = ("mlp", "wavenet", "bigram", "rnn", "gru", "transformer")  # the README's table of models
-DEFAULT_STEPS = {"mlp": 3000, "mlp-part3": 3000, "deep": 1000, "wavenet": 1000, "bigram": 3000, "rnn": 300,
-                 "gru": 300, "transformer": 300}   # a turn of a few seconds on one core, for either contender
+DEFAULT_STEPS = {"mlp": 3000, "mlp-part3": 3000, "deep": 1000, "wavenet": 1000, "bigram": 3000, "rnn": 500,
+                 "gru": 200, "transformer": 100}   # a turn of a few seconds on one core, for either contender
 
 
 def hand_steps(run, X, Y, batches, schedule):
