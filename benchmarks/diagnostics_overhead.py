@@ -20,13 +20,14 @@ from dataclasses import replace
 
 import torch
 
+from handprop.config import TrainConfig
 from handprop.data import load_corpus, make_splits, sample_batch
-from handprop.diagnostics import Diagnostics
+from handprop.diagnostics import Diagnostics, NoDiagnostics
 from handprop.layers import Sequential
 from handprop.losses import CrossEntropy
 from handprop.models import preset
 from handprop.optim import lecture_lr
-from handprop.train import Log, Progress, TrainConfig, new_run, run_steps, split_loss
+from handprop.train import Log, Progress, prepare, run_steps, split_loss
 
 
 class PlainSequential(Sequential):
@@ -43,8 +44,9 @@ class PlainSequential(Sequential):
         return dout
 
 
-def baseline_steps(run, splits, config, work_dir, out, diagnostics=None):
+def baseline_steps(run, splits, work_dir, out, diagnostics, val_loss):
     """train.run_steps without the diagnostics lines (no checkpoint falls due in these runs)."""
+    config = run.spec.train_config
     criterion = CrossEntropy()
     progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
     Xtr, Ytr = splits.tensors["train"]
@@ -61,15 +63,18 @@ def baseline_steps(run, splits, config, work_dir, out, diagnostics=None):
             progress.update(run.step, loss, lr)
 
 
-def start(kind, model_config, config, splits, every):
-    """(run, loop, diagnostics) for 'baseline', 'off' (run_steps, nothing recorded) or 'on' (run_steps recording)."""
-    run = new_run(model_config, config, meta={})
+def start(kind, corpus, model_config, config, every):
+    """(run, loop, diagnostics, val_loss) for 'baseline', 'off' (run_steps, nothing recorded) or 'on' (recording)."""
+    splits, run = prepare(corpus, model_config, config, None)
+
+    def val_loss():
+        return split_loss(run.model, *splits.tensors["val"])
+
     if kind == "baseline":
         run.model = PlainSequential(run.model.layers)
-        return run, baseline_steps, None
-    val_loss = lambda: split_loss(run.model, *splits.tensors["val"])
-    diagnostics = Diagnostics(run.model, every, config.max_steps, val_loss) if kind == "on" else None
-    return run, run_steps, diagnostics
+        return run, baseline_steps, NoDiagnostics(), val_loss
+    diagnostics = Diagnostics(run.model, every, config.max_steps, val_loss) if kind == "on" else NoDiagnostics()
+    return run, run_steps, diagnostics, val_loss
 
 
 def main():
@@ -82,22 +87,24 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     model_config, chunk = preset(args.model), 2 * args.every
-    splits = make_splits(load_corpus(), model_config.block_size)
+    corpus = load_corpus()
+    splits = make_splits(corpus, model_config.block_size)
     config = TrainConfig(max_steps=chunk * args.rounds, log_every=10**9, save_every=10**9)   # no checkpoint falls due
     kinds = ["baseline", "off", "baseline again", "on"]
     times = {kind: [] for kind in kinds}
     with torch.inference_mode(), tempfile.TemporaryDirectory() as work_dir:
-        runs = {kind: start(kind.removesuffix(" again"), model_config, config, splits, args.every) for kind in kinds}
+        runs = {kind: start(kind.removesuffix(" again"), corpus, model_config, config, args.every) for kind in kinds}
         out = Log(io.StringIO())
         for r in range(args.rounds):
             for kind in kinds[r % 4 :] + kinds[: r % 4]:    # rotate the order: no run always goes first
-                run, loop, diagnostics = runs[kind]
-                until = replace(config, max_steps=run.step + chunk)
+                run, loop, diagnostics, val_loss = runs[kind]
+                run.spec = replace(run.spec, train_config=replace(config, max_steps=run.step + chunk))
                 begin = time.perf_counter()
-                loop(run, splits, until, work_dir, out, diagnostics)
+                loop(run, splits, work_dir, out, diagnostics, val_loss)
                 times[kind].append(time.perf_counter() - begin)
     speed = {kind: chunk / statistics.median(t) for kind, t in times.items()}
-    print(f"model {args.model}, batch 32, {args.rounds} chunks of {chunk} steps per run, {torch.get_num_threads()} threads")
+    print(f"model {args.model}, batch 32, {args.rounds} chunks of {chunk} steps per run, "
+          f"{torch.get_num_threads()} threads")
     print(f"baseline loop (no diagnostics code):  {speed['baseline']:8.0f} steps/s")
     print(f"run_steps, diagnostics off:           {speed['off']:8.0f} steps/s")
     print(f"run_steps, recording every {args.every:<6}     {speed['on']:8.0f} steps/s")

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from handprop.cli import main
+from handprop.config import TrainConfig
 from handprop.data import load_corpus, make_splits, sample_batch
 from handprop.diagnostics import FILENAME, Diagnostics, load_history
 from handprop.gradcheck import twin_forward
 from handprop.losses import CrossEntropy
 from handprop.models import build_model, preset
 from handprop.optim import SGD, lecture_lr
-from handprop.config import TrainConfig
 from handprop.train import train
 
 

@@ -105,8 +105,8 @@ def build_parser():
     t.add_argument("--model", default=None, choices=list(PRESETS), help="named configuration (default mlp: lecture 4, "
                    "exercise 4)")
     for name, flags in TRAIN_FLAGS.items():
-        default = getattr(recipe("mlp"), name)
-        add_setting(t, TrainConfig, name, *flags, default=f"default: the model's recipe; mlp's is {format_number(default)}")
+        mlp_default = format_number(getattr(recipe("mlp"), name))
+        add_setting(t, TrainConfig, name, *flags, default=f"default: the model's recipe; mlp's is {mlp_default}")
     for name, flag in MODEL_FLAGS.items():
         add_setting(t, ModelConfig, name, flag, default="default: the model's")
     t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")

@@ -121,7 +121,7 @@ def update_ratios(before, after):
 def open_summary_writer(work_dir):
     """A TensorBoard SummaryWriter logging into work_dir, or a UserError saying how to get one."""
     try:
-        from torch.utils.tensorboard import SummaryWriter     # needs the optional tensorboard package
+        from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package: pip install 'handprop[tensorboard]'") from None
     return SummaryWriter(log_dir=str(work_dir))
