@@ -28,21 +28,32 @@ VERSION = 2                 # 2: wavenet configs record their depth in n_layers
 
 def atomic_write(path, data):
     """Write bytes to path so a crash at any moment leaves either the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    atomic_write_all({path: data})
+
+
+def atomic_write_all(files):
+    """Write {path: bytes}, every file complete before the first is renamed: a failed write changes none of them."""
+    staged = {}                             # temporary file -> its final path
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path = Path(path)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            staged[tmp] = path
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged.items():
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)                    # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        for tmp in staged:                  # a failed write (no permission, a full disk) leaves no temporary file
+            tmp.unlink(missing_ok=True)
+    for directory in {path.parent for path in staged.values()}:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)                # make the renames themselves durable
+        finally:
+            os.close(dir_fd)
 
 
 def tensors_digest(tensors, text=""):
@@ -114,6 +125,8 @@ def load_checkpoint(path, device="cpu"):
     """Read and verify a checkpoint; anything wrong with it is one clear UserError."""
     path = Path(path)
     if not path.is_file():
+        if path.parent.is_file():
+            raise UserError(f"{path.parent} is a file, not a directory: -o names the directory a run was saved in")
         raise UserError(f"no checkpoint at {path} (train one first: handprop train -o {path.parent})")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -155,7 +168,8 @@ def from_metadata(meta, path):
 def check_same_corpus(spec, corpus):
     """The corpus must be the one the run was trained on (checked before its items are encoded)."""
     if corpus.sha256 != spec.corpus.sha256:
-        raise UserError(f"{corpus.path} is not the corpus this model was trained on (its contents differ); pass the original with -i")
+        raise UserError(f"{corpus.path} is not the corpus this model was trained on (its contents differ); "
+                        "pass the original with -i")
 
 
 def _copy_into(targets, tensors, prefix, path):
@@ -164,7 +178,8 @@ def _copy_into(targets, tensors, prefix, path):
         raise UserError(f"{path} does not hold the tensors its own config describes")
     for name, target in targets.items():
         if saved[name].shape != target.shape:
-            raise UserError(f"{path}: tensor {name} has shape {tuple(saved[name].shape)}, expected {tuple(target.shape)}")
+            raise UserError(f"{path}: tensor {name} has shape {tuple(saved[name].shape)}, "
+                            f"expected {tuple(target.shape)}")
         target.copy_(saved[name])
 
 

@@ -28,7 +28,7 @@ from .grade import grade_script
 from .models import PRESETS, preset, recipe
 from .ninja import check_report
 from .sample import sample_items
-from .train import Interrupted, evaluate, format_losses, make_run_splits, train
+from .train import Interrupted, check_work_dir, evaluate, format_losses, make_run_splits, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -218,6 +218,7 @@ def resumed_configs(args, device, checkpoint):
 
 def run_train(args):
     device = resolve_device(args.device)
+    check_work_dir(args.work_dir)
     latest = Path(args.work_dir) / LATEST
     checkpoint = None
     if latest.exists():
@@ -247,7 +248,8 @@ def run_diagnose(args):
 
 def draw_report(work_dir, device):
     """Write a run's figures and report.html, and say so."""
-    from .report import write_report  # matplotlib costs every command ~0.7 s to import: only drawing pays
+    # imported here: matplotlib costs every command ~0.7 s to import, so only drawing pays
+    from .report import write_report
     paths = write_report(work_dir, device)
     sys.stdout.write("wrote " + ", ".join(str(p) for p in paths) + "\n")
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .checkpoint import LATEST, atomic_write, load_checkpoint
+from .checkpoint import LATEST, atomic_write_all, load_checkpoint
 from .data import SPLIT_NAMES
 from .diagnostics import FILENAME, SATURATION, load_history, parameters_digest
 from .errors import UserError
@@ -49,7 +49,8 @@ def plot_loss(history):
     averaged = window_average(log_loss, window)                      # (steps // window,)
     centres = (torch.arange(len(averaged)) + 0.5) * window
     ax.plot(centres, averaged, label=f"train (mean of log10 loss over {window} steps)")
-    ax.plot(history.steps, np.log10(history.column("val_loss", "val")), "o-", markersize=3, label="val (whole split, eval mode)")
+    ax.plot(history.steps, np.log10(history.column("val_loss", "val")), "o-", markersize=3,
+            label="val (whole split, eval mode)")
     ax.set(xlabel="step", ylabel="log10 loss", title="loss")
     ax.legend()
     return fig
@@ -74,7 +75,7 @@ def panels(history, title, which):
     """A figure with one panel per snapshot in which ('first', 'last'): [(axes, snapshot prefix, row)]."""
     fig = Figure(figsize=(7 * len(which), 4.5))
     axes = fig.subplots(1, len(which), squeeze=False)[0]
-    chosen = [(ax, prefix, ROWS[prefix]) for ax, prefix in zip(axes, which)]
+    chosen = [(ax, prefix, ROWS[prefix]) for ax, prefix in zip(axes, which, strict=True)]
     for ax, _, row in chosen:
         ax.set_title(f"{title}, step {history.steps[row]}")
     return fig, chosen
@@ -86,7 +87,8 @@ def plot_activations(history, which=("first", "last")):
     for ax, prefix, row in axes:
         for label in history.columns["act_mean"]:
             mean, std, sat = (history.column(s, label)[row] for s in ("act_mean", "act_std", "act_saturation"))
-            histogram_line(ax, history.snapshots[f"{prefix}.act.{label}"], f"{layer_name(label)}: mean {mean:+.2f}, std {std:.2f}, saturated {sat:.1f}%")
+            histogram_line(ax, history.snapshots[f"{prefix}.act.{label}"],
+                           f"{layer_name(label)}: mean {mean:+.2f}, std {std:.2f}, saturated {sat:.1f}%")
         ax.axvspan(-1, -SATURATION, color="0.9")
         ax.axvspan(SATURATION, 1, color="0.9")          # the saturated bands
         ax.set(xlabel="tanh output", ylabel="density")
@@ -100,7 +102,8 @@ def plot_gradients(history, which=("first", "last")):
     for ax, prefix, row in axes:
         for label in history.columns["act_mean"]:
             mean, std = (history.column(s, label)[row] for s in ("grad_mean", "grad_std"))
-            histogram_line(ax, history.snapshots[f"{prefix}.grad.{label}"], f"{layer_name(label)}: mean {mean:+.2e}, std {std:.2e}")
+            histogram_line(ax, history.snapshots[f"{prefix}.grad.{label}"],
+                           f"{layer_name(label)}: mean {mean:+.2e}, std {std:.2e}")
         ax.set(xlabel="gradient", ylabel="density")
         ax.legend(fontsize=8)
     return fig
@@ -134,10 +137,13 @@ def plot_update_ratios(history):
 
 FIGURES = {                 # file name -> (drawing function, caption in the report)
     "loss.png": (plot_loss, "Loss: train averaged over windows of steps, val at the recorded steps."),
-    "activations.png": (plot_activations, "Tanh outputs; a saturated unit (|t| > 0.97, shaded) passes little gradient back."),
-    "gradients.png": (plot_gradients, "Gradients at the tanh outputs; similar spreads mean no layer learns much faster than another."),
+    "activations.png": (plot_activations,
+                        "Tanh outputs; a saturated unit (|t| > 0.97, shaded) passes little gradient back."),
+    "gradients.png": (plot_gradients,
+                      "Gradients at the tanh outputs; similar spreads mean no layer learns much faster than another."),
     "weight_gradients.png": (plot_weight_gradients, "Weight gradients and their grad:data ratios."),
-    "update_ratios.png": (plot_update_ratios, "How far each step moves each weight matrix; the lecture aims near 1e-3."),
+    "update_ratios.png": (plot_update_ratios,
+                          "How far each step moves each weight matrix; the lecture aims near 1e-3."),
 }
 
 
@@ -217,9 +223,10 @@ def write_report(work_dir, device="cpu"):
     generator = torch.Generator(device=device).manual_seed(spec.train_config.seed)
     samples = sample_items(checkpoint.model, spec, SAMPLES, generator)
     page = render_html(checkpoint, images, samples)
-    written = []                            # everything is drawn before the first file is written
-    for name, png in images.items():
-        atomic_write(work_dir / name, png)
-        written.append(work_dir / name)
-    atomic_write(work_dir / "report.html", page.encode())
-    return written + [work_dir / "report.html"]
+    files = {work_dir / name: png for name, png in images.items()} | {work_dir / "report.html": page.encode()}
+    try:                                    # everything is drawn before the first file is written
+        atomic_write_all(files)
+    except OSError as e:
+        raise UserError(f"cannot write the report in {work_dir}: {e.strerror or e}; "
+                        "its figures and report.html are left as they were") from None
+    return list(files)

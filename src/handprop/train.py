@@ -1,5 +1,6 @@
 """The training loop (autograd off throughout), evaluation, BatchNorm recalibration, saving."""
 
+import fcntl
 import math
 import os
 import signal
@@ -18,6 +19,8 @@ from .checkpoint import (
     Checkpoint,
     RunSpec,
     check_same_corpus,
+    load_checkpoint,
+    metadata,
     save_checkpoint,
     write_readable_config,
 )
@@ -126,7 +129,8 @@ class Progress:
         now = time.perf_counter()
         speed = (step - self.last_step) / max(now - self.last_time, 1e-9)
         eta = (self.max_steps - step) / max(speed, 1e-9)
-        line = f"step {step:>{len(str(self.max_steps))}}/{self.max_steps} | loss {loss:.4f} | lr {lr:g} | {speed:,.0f} steps/s | eta {eta:,.0f}s"
+        line = (f"step {step:>{len(str(self.max_steps))}}/{self.max_steps} | loss {loss:.4f} | lr {lr:g} | "
+                f"{speed:,.0f} steps/s | eta {eta:,.0f}s")
         if self.val is not None:
             line += f" | val {self.val:.4f} at the last save"
         if self.tty:                            # speed averaged since the run (re)started
@@ -135,6 +139,45 @@ class Progress:
             self.stream.write(line + "\n")
             self.last_time, self.last_step = now, step   # speed since the previous line
         self.last_draw = now
+
+
+def check_work_dir(work_dir):
+    """Before anything is read: -o must name a directory (or nothing yet) that no other handprop train is using."""
+    work_dir = Path(work_dir)
+    if work_dir.exists() and not work_dir.is_dir():
+        raise UserError(f"{work_dir} is a file, not a directory: -o names the directory a run is saved in")
+    if work_dir.is_dir():
+        with locked(work_dir):
+            pass
+
+
+@contextmanager
+def locked(work_dir):
+    """While active, no other handprop train can lock work_dir (an flock on the directory, freed on any exit)."""
+    fd = os.open(work_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another handprop train is using {work_dir}; wait for it to end, or choose another -o "
+                            "(eval, sample and diagnose may read it meanwhile)") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def claimed(work_dir, resume_from):
+    """While active, this process alone trains in work_dir, whose run is still the one this command read."""
+    with locked(work_dir):
+        latest = Path(work_dir) / LATEST
+        if resume_from is None and latest.exists():
+            raise UserError(f"{work_dir} already holds a run (another handprop train saved it meanwhile); continue it "
+                            "with --resume, or choose another -o")
+        if resume_from is not None and metadata(load_checkpoint(latest)) != metadata(resume_from):
+            raise UserError(f"the run in {work_dir} was saved by another handprop train after this one read it; "
+                            "run the command again")
+        yield
 
 
 def check_writable(work_dir):
@@ -194,12 +237,13 @@ def stop_at_once(work_dir, step):
 
 
 @contextmanager
-def saving(work_dir, last_saved):
-    """Turns a failed write (no permission, a full disk) into one UserError that says what is kept."""
+def saving(work_dir, run):
+    """Turns a failed write (no permission, a full disk) into one UserError that says which checkpoint is kept."""
     try:
         yield
     except OSError as e:
-        kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None else "nothing was saved"
+        kept = (f"the last good checkpoint (step {run.saved_step}) is kept" if run.saved_step is not None
+                else "no checkpoint to resume was saved")
         raise UserError(f"cannot save in {work_dir}: {e.strerror or e}; {kept}") from None
 
 
@@ -220,10 +264,10 @@ class Run:
         extra = {f"optim.{k}": v for k, v in tensors.items()} | {"rng.batches": self.generator.get_state()}
         return Checkpoint(self.spec, self.model, self.step, self.best_val, finished, losses, numbers, extra)
 
-    def save_latest(self, work_dir, val, finished=False, losses=None):
-        """The latest checkpoint (and the best one too when val beats every earlier save) and config.json."""
+    def save_latest(self, work_dir, val, diagnostics, finished=False, losses=None):
+        """The latest checkpoint (and the best one when val beats every earlier save), config.json, diagnostics."""
         work_dir = Path(work_dir)
-        with saving(work_dir, self.saved_step):
+        with saving(work_dir, self):
             if val < self.best_val:
                 self.best_val = val
                 save_checkpoint(work_dir / BEST, self.checkpoint(finished, losses))
@@ -231,6 +275,10 @@ class Run:
             save_checkpoint(work_dir / LATEST, checkpoint)
             self.saved_step = self.step
             write_readable_config(work_dir / CONFIG_JSON, checkpoint)
+            if finished:                    # the diagnostics beside the checkpoint they belong to
+                diagnostics.finish(work_dir)
+            else:
+                diagnostics.save(work_dir)
         return val
 
 
@@ -283,32 +331,29 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
         # prepare: the data and the run, every input checked before the first file is written
         splits, run = prepare(corpus, model_config, config, resume_from)
         check_writable(work_dir)
+        with claimed(work_dir, resume_from):    # held to the end: a second train on work_dir is refused
+            sizes = " / ".join(f"{int((Y != IGNORED).sum())}" for _, Y in splits.tensors.values())
+            out.write(f"{corpus.describe()}, vocabulary {splits.vocab.size}, characters to predict "
+                      f"train/val/test {sizes}\n")
+            out.write(f"model {describe(run.spec.model_config)}: {count_parameters(run.model)} parameters"
+                      + (f", resuming at step {run.step}" if resume_from else "") + "\n")
 
-        def val_loss():
-            return split_loss(run.model, *splits.tensors["val"])
+            def val_loss():
+                return split_loss(run.model, *splits.tensors["val"])
 
-        diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss)
-        if run.saved_step is None:          # from step 0 on there is always a checkpoint to resume
-            run.save_latest(work_dir, val_loss())
-        sizes = " / ".join(f"{int((Y != IGNORED).sum())}" for _, Y in splits.tensors.values())
-        out.write(f"{corpus.describe()}, vocabulary {splits.vocab.size}, characters to predict "
-                  f"train/val/test {sizes}\n")
-        out.write(f"model {describe(run.spec.model_config)}: {count_parameters(run.model)} parameters"
-                  + (f", resuming at step {run.step}" if resume_from else "") + "\n")
-        # the loop
-        run_steps(run, splits, work_dir, out, diagnostics, val_loss)
-        if run.saved_step != run.step:      # the trained weights are on disk before the final phase begins
-            run.save_latest(work_dir, val_loss())
-            diagnostics.save(work_dir)
-        # finish: exact BatchNorm statistics, the losses on every split, the last save
-        with stop_at_once(work_dir, run.step):
+            diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss)
+            if run.saved_step is None:      # from step 0 on there is always a checkpoint to resume
+                run.save_latest(work_dir, val_loss(), diagnostics)
+            # the loop, which saves its last step: the trained weights are on disk before the final phase
+            run_steps(run, splits, work_dir, out, diagnostics, val_loss)
+            # finish: exact BatchNorm statistics, the losses on every split, the last save
             losses = finish(run, splits, work_dir, diagnostics, out)
     out.write(format_losses(losses) + "\n")
     return run.model, losses
 
 
 def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
-    """The optimisation loop from run.step to max_steps, saving every save_every steps and when asked to stop."""
+    """The optimisation loop from run.step to max_steps, saving every save_every steps, at the last, and to stop."""
     config = run.spec.train_config
     criterion = loss_for(run.spec.model_config.form)
     schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
@@ -335,30 +380,39 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
             run.optimizer.step(run.model.grads, lr)
             diagnostics.after_update(run.step, loss)
             run.step += 1
-            # save: every save_every steps, and before stopping when asked to
+            # save: every save_every steps, at the last step, and before stopping when asked to
             stopping = bool(stop)           # read once: a signal may land between the two uses below
-            if run.step % config.save_every == 0 or stopping:
-                progress.val = run.save_latest(work_dir, val_loss())
-                diagnostics.save(work_dir)  # beside the checkpoint it belongs to
+            if run.step % config.save_every == 0 or run.step == config.max_steps or stopping:
+                progress.val = run.save_latest(work_dir, val_loss(), diagnostics)
             # log
             if progress.due(run.step):
                 progress.update(run.step, loss, lr)
             if stopping:
-                name = signal.Signals(stop[0]).name
-                raise Interrupted(stop[0], f"{name} at step {run.step}: checkpoint saved; {resume_hint(work_dir)}")
+                raise stopped(stop[0], run, work_dir)
+        if stop:                            # it came during the last step's save: stop before the final phase
+            raise stopped(stop[0], run, work_dir)
+
+
+def stopped(signum, run, work_dir):
+    """The Interrupted for a stop that signum asked for, once the run's checkpoint is saved."""
+    name = signal.Signals(signum).name
+    return Interrupted(signum, f"{name} at step {run.step}: checkpoint saved; {resume_hint(work_dir)}")
 
 
 def finish(run, splits, work_dir, diagnostics, out):
     """BatchNorm statistics over the whole training split, the final losses, the final save; returns the losses."""
     Xtr = splits.tensors["train"][0]
-    if any(isinstance(layer, BatchNorm1d) for layer in run.model.layers):
-        out.write(f"setting BatchNorm statistics from all {Xtr.shape[0]} training examples\n")
-        recalibrate_batchnorm(run.model, Xtr)
-    out.write("evaluating on the full train / val / test splits\n")
-    losses = evaluate(run.model, splits)
-    run.save_latest(work_dir, losses["val"], finished=True, losses=losses)
-    with saving(work_dir, run.saved_step):
-        diagnostics.finish(work_dir)
+    with stop_at_once(work_dir, run.step):  # long phases on a big corpus: each says what it is doing
+        if any(isinstance(layer, BatchNorm1d) for layer in run.model.layers):
+            out.write(f"setting BatchNorm statistics from all {Xtr.shape[0]} training examples\n")
+            recalibrate_batchnorm(run.model, Xtr)
+        out.write("evaluating on the full train / val / test splits\n")
+        losses = evaluate(run.model, splits)
+    with stop_requests() as stop:           # a signal now waits until the final save is complete
+        run.save_latest(work_dir, losses["val"], diagnostics, finished=True, losses=losses)
+    if stop:
+        raise Interrupted(stop[0], f"{signal.Signals(stop[0]).name} during the final save: the run finished and is "
+                                   f"saved ({format_losses(losses)})")
     return losses
 
 
