@@ -100,7 +100,7 @@ def test_truncated_altered_and_foreign_files_are_refused(checkpoint_file, tmp_pa
         "empty": b"",
         "text": b"not a checkpoint at all\n",
     }
-    for name, content in cases.items():
+    for content in cases.values():
         checkpoint_file.write_bytes(content)
         with pytest.raises(UserError, match="not a readable checkpoint|damaged"):
             load_checkpoint(checkpoint_file)
@@ -134,7 +134,9 @@ def test_a_pickle_payload_is_refused_without_executing_it(tmp_path, capsys):
             torch.save({"model": Payload(marker)}, tmp_path / "model.safetensors")   # torch's own pickle format
         else:
             (tmp_path / "model.safetensors").write_bytes(blob)
-        for argv in (["sample", "-o", str(tmp_path)], ["eval", "-o", str(tmp_path)], ["train", "--resume", "-o", str(tmp_path)]):
+        commands = (["sample", "-o", str(tmp_path)], ["eval", "-o", str(tmp_path)],
+                    ["train", "--resume", "-o", str(tmp_path)])
+        for argv in commands:
             assert main(argv) == 2
             assert "not a readable checkpoint" in capsys.readouterr().err
     assert not os.path.exists(marker)

@@ -114,9 +114,11 @@ def test_snapshots_hold_the_first_and_last_recorded_tensors(tmp_path):
     _, outputs, output_grads, param_grads = autograd_pass(model, Xb, Yb)
     torch.testing.assert_close(history.snapshots["first.act.4.Tanh"], outputs[4], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(history.snapshots["first.grad.4.Tanh"], output_grads[4], rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(history.snapshots["first.weight_grad.2.weight"], param_grads["2.weight"], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(history.snapshots["first.weight_grad.2.weight"], param_grads["2.weight"],
+                               rtol=1e-5, atol=1e-9)
     assert set(history.snapshots) == {f"{p}.{k}" for p in ("first", "last") for k in
-                                      ("act.4.Tanh", "grad.4.Tanh", "weight_grad.0.weight", "weight_grad.2.weight", "weight_grad.5.weight")}
+                                      ("act.4.Tanh", "grad.4.Tanh", "weight_grad.0.weight", "weight_grad.2.weight",
+                                       "weight_grad.5.weight")}
     assert not torch.equal(history.snapshots["first.act.4.Tanh"], history.snapshots["last.act.4.Tanh"])
 
 
@@ -134,8 +136,8 @@ def test_naive_init_saturates_the_tanh_layers_far_more_than_the_lecture_init(tmp
     assert len(naive) == len(lecture) == len(batchnorm) == 5
     # unit-variance weights: preactivations with std ~sqrt(fan_in) push most units past 0.97
     assert min(naive) > 50
-    assert all(n > 2 * l for n, l in zip(naive, lecture))
-    assert all(n > 2 * b for n, b in zip(naive, batchnorm))
+    assert all(n > 2 * k for n, k in zip(naive, lecture, strict=True))
+    assert all(n > 2 * b for n, b in zip(naive, batchnorm, strict=True))
 
 
 def test_sequential_records_only_when_asked_and_changes_no_number():
@@ -150,14 +152,16 @@ def test_sequential_records_only_when_asked_and_changes_no_number():
     model.backward(dout)
     assert all(torch.equal(g, grads[k]) for k, g in model.grads.items())
     assert [tuple(o.shape) for o in model.outputs] == [(5, 3, 10), (5, 30), (5, 8), (5, 8), (5, 8), (5, 27)]
-    assert model.output_grads[-1] is dout and torch.equal(model.output_grads[0], model.layers[1].backward(model.output_grads[1]))
+    assert model.output_grads[-1] is dout
+    assert torch.equal(model.output_grads[0], model.layers[1].backward(model.output_grads[1]))
 
 
 def test_tensorboard_logs_the_recorded_statistics(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert main(["train", "-o", str(tmp_path), "--max-steps", "20", "--diagnostics-every", "10", "--tensorboard", "--n-hidden", "16"]) == 0
+    assert main(["train", "-o", str(tmp_path), "--max-steps", "20", "--diagnostics-every", "10", "--tensorboard",
+                 "--n-hidden", "16"]) == 0
     history = load_history(tmp_path / FILENAME)
     events = EventAccumulator(str(tmp_path)).Reload()
     saturation = [e.value for e in events.Scalars("act_saturation/4.Tanh")]

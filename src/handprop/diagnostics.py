@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .checkpoint import atomic_write, tensors_digest
@@ -41,10 +41,10 @@ class History:
     """
 
     columns: dict                   # series name -> label of each column, e.g. 'act_std' -> ['3.Tanh']
-    train_loss: list                # the minibatch loss of every step taken (nan: before a resume that found no history)
+    train_loss: list                # the minibatch loss of every step (nan: before a resume that found no history)
     steps: list = field(default_factory=list)       # the recorded steps, in order
     series: dict = field(default_factory=dict)      # series name -> one list of numbers per recorded step
-    snapshots: dict = field(default_factory=dict)   # 'first.act.3.Tanh', 'last.grad.3.Tanh', 'last.weight_grad.1.weight' -> tensor
+    snapshots: dict = field(default_factory=dict)   # 'first.act.3.Tanh', 'last.weight_grad.1.weight', ... -> tensor
     digest: str = ""                # of the parameters when saved: ties this history to its model.safetensors
 
     def column(self, name, label):
@@ -54,7 +54,8 @@ class History:
 
     def save(self, path):
         """Write the history to path atomically (safetensors: tensors and a JSON header, no pickle)."""
-        tensors = {"train_loss": torch.tensor(self.train_loss, dtype=torch.float32), "steps": torch.tensor(self.steps, dtype=torch.int64)}
+        tensors = {"train_loss": torch.tensor(self.train_loss, dtype=torch.float32),
+                   "steps": torch.tensor(self.steps, dtype=torch.int64)}
         for name, labels in self.columns.items():
             rows = self.series.get(name, [])
             tensors[f"series.{name}"] = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(labels))
@@ -71,7 +72,7 @@ def load_history(path):
     try:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {})[FORMAT])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
         if header["format"] != FORMAT or header["version"] != VERSION:
             raise ValueError("another format or version")
         columns = header["columns"]
@@ -83,7 +84,7 @@ def load_history(path):
             snapshots={k.removeprefix("snapshot."): v for k, v in tensors.items() if k.startswith("snapshot.")},
             digest=header["digest"],
         )
-    except Exception as e:  # safetensors, json and missing keys fail with several exception types
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign file, not a bug
         raise UserError(f"{path} is not a readable handprop diagnostics file ({type(e).__name__}: {e})") from None
 
 
@@ -105,7 +106,8 @@ def step_statistics(model, tanh, weights):
     values = {
         "act_mean": [t.mean() for t in acts],
         "act_std": [t.std() for t in acts],
-        "act_saturation": [(t.abs() > SATURATION).double().mean() * 100 for t in acts],   # float64: a share of a count, in full
+        # float64: a share of a count, in full
+        "act_saturation": [(t.abs() > SATURATION).double().mean() * 100 for t in acts],
         "grad_mean": [g.mean() for g in grads],
         "grad_std": [g.std() for g in grads],
         "grad_data": [param_grads[w].std() / params[w].std() for w in weights],
@@ -184,7 +186,8 @@ class Diagnostics:
         grads = model.grads
         for w in self.weights:
             snapshots[f"weight_grad.{w}"] = grads[w].detach().cpu().clone()
-        if not self.history.steps:              # the first recorded step: a copy of its own (safetensors refuses shared storage)
+        if not self.history.steps:              # the first recorded step: a copy of its own (safetensors wants
+                                                # no shared storage)
             self.history.snapshots |= {f"first.{k}": v.clone() for k, v in snapshots.items()}
         self.history.snapshots |= {f"last.{k}": v for k, v in snapshots.items()}
 
@@ -207,7 +210,7 @@ class Diagnostics:
         self.writer.add_scalar("loss/train", sum(window) / len(window), step)
         self.logged_up_to = step + 1
         for name, values in self.row.items():
-            for label, value in zip(self.history.columns[name], values):
+            for label, value in zip(self.history.columns[name], values, strict=True):
                 self.writer.add_scalar(f"{name}/{label}", value, step)
         for k, v in self.history.snapshots.items():
             if k.startswith("last."):
