@@ -209,9 +209,9 @@ def test_eval_of_a_run_trained_from_a_fifo_refuses_instead_of_hanging(tmp_path, 
 
 def test_checkpoints_from_before_rereadable_load_as_a_file(trained_dir):
     checkpoint = load_checkpoint(trained_dir / "model.safetensors")
-    meta = metadata(checkpoint)
-    del meta["corpus"]["rereadable"]        # what a checkpoint written before this field holds
-    assert from_metadata(meta, trained_dir).spec.corpus == checkpoint.spec.corpus
+    saved = metadata(checkpoint)
+    del saved["corpus"]["rereadable"]        # what a checkpoint written before this field holds
+    assert from_metadata(saved, trained_dir).spec.corpus == checkpoint.spec.corpus
     assert checkpoint.spec.corpus.rereadable is True
 
 

@@ -58,15 +58,16 @@ def bounded(kind, low, high):
 def add_setting(parser, cls, name, *flags, default=None):
     """A flag for the config field cls.name: its help, type, range and default text all come from the field."""
     f = next(f for f in fields(cls) if f.name == name)
-    meta = f.metadata
+    rules = f.metadata
     shown = default if default is not None else f"default {format_number(f.default)}"
-    if meta["choices"] is not None:
-        parser.add_argument(*flags, dest=name, default=None, choices=meta["choices"], help=f"{meta['help']} ({shown})")
+    if rules["choices"] is not None:
+        parser.add_argument(*flags, dest=name, default=None, choices=rules["choices"],
+                            help=f"{rules['help']} ({shown})")
         return
     kind = type(f.default)
-    span = f"{format_number(meta['low'])} to {format_number(meta['high'])}"
-    parser.add_argument(*flags, dest=name, default=None, type=bounded(kind, meta["low"], meta["high"]),
-                        metavar="N" if kind is int else "X", help=f"{meta['help']} ({shown}; {span})")
+    span = f"{format_number(rules['low'])} to {format_number(rules['high'])}"
+    parser.add_argument(*flags, dest=name, default=None, type=bounded(kind, rules["low"], rules["high"]),
+                        metavar="N" if kind is int else "X", help=f"{rules['help']} ({shown}; {span})")
 
 
 MODEL_FLAGS = {"block_size": "--block-size", "n_embd": "--n-embd", "n_hidden": "--n-hidden",

@@ -77,15 +77,15 @@ RESUME_MAY_CHANGE = ("max_steps", "device", "log_every", "save_every", "diagnost
 
 def check_field(config, f):
     """One field's value against its type and its range or choices; UserError names the setting."""
-    value, meta, kind = getattr(config, f.name), f.metadata, type(f.default)
+    value, rules, kind = getattr(config, f.name), f.metadata, type(f.default)
     name = f.name.replace("_", "-")
     number = kind in (int, float) and not isinstance(value, bool) and isinstance(value, (int, float))
     if not (isinstance(value, kind) or (kind is float and number)):
         raise UserError(f"{name} must be a {kind.__name__}, got {value!r}")
-    if meta["choices"] is not None and value not in meta["choices"]:
-        raise UserError(f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
-    if meta["low"] is not None and not (math.isfinite(value) and meta["low"] <= value <= meta["high"]):
-        raise UserError(f"{name} must be between {format_number(meta['low'])} and {format_number(meta['high'])}, "
+    if rules["choices"] is not None and value not in rules["choices"]:
+        raise UserError(f"{name} must be one of {', '.join(rules['choices'])}, got {value!r}")
+    if rules["low"] is not None and not (math.isfinite(value) and rules["low"] <= value <= rules["high"]):
+        raise UserError(f"{name} must be between {format_number(rules['low'])} and {format_number(rules['high'])}, "
                         f"got {value}")
 
 
