@@ -44,11 +44,11 @@ def split_loss(model, X, Y):
     """Mean cross-entropy over every scored position of a whole split, in chunks, in evaluation mode."""
     criterion = loss_for("windows" if Y.ndim == 1 else "sequences")
     total, count = 0.0, 0
-    chunk = max(1, EVAL_CHUNK // max(1, X.shape[1] if Y.ndim > 1 else 1))   # about EVAL_CHUNK positions a pass
+    chunk = max(1, EVAL_CHUNK // Y[0].numel())     # about EVAL_CHUNK positions a pass (a window has one)
     with eval_mode(model):
         for i in range(0, X.shape[0], chunk):
             Xc, Yc = X[i : i + chunk], Y[i : i + chunk]
-            scored = Xc.shape[0] if Yc.ndim == 1 else int((Yc != IGNORED).sum())
+            scored = int((Yc != IGNORED).sum())     # every window; the unpadded positions of sequences
             total += criterion.forward(model.forward(Xc), Yc).item() * scored
             count += scored
     return total / count
