@@ -104,7 +104,7 @@ def by_kind(history, labels):
 
 
 def is_crowded(entries):
-    """Whether a figure has a panel with too many lines for its legend to go inside (never in the lectures' models)."""
+    """Whether a figure has a panel with too many lines for its legend to go inside (not in the lectures. presets)."""
     return entries > LEGEND_INSIDE
 
 
@@ -220,17 +220,22 @@ SEQUENCE_NOTE = " Only the positions the loss counts enter (padding is left out)
 
 def activations_caption(history):
     """What the activations figure shows, a sentence per kind of watched layer."""
-    kinds = [kind for kind, _ in by_kind(history, watched(history))]
+    kinds = by_kind(history, watched(history))
+    saturable = history.columns.get("act_saturation", [])
     notes = {
         "Tanh": "Tanh outputs; a saturated unit (|t| > 0.97, shaded) passes little gradient back.",
         "LayerNorm": "LayerNorm outputs: each position normalised over its channels, then scaled and shifted.",
-        "CausalSelfAttention": "Attention outputs: what each block's attention adds to the residual stream.",
+        "CausalSelfAttention": "Attention outputs: what each block's attention adds (before dropout) to the "
+                               "residual stream.",
         "GELU": "GELU outputs, the MLPs' hidden units (no saturation measure: GELU has no flat upper side).",
-        "Recurrent": ("Hidden states; an RNN's are tanh outputs, saturated (|h| > 0.97, shaded) where they pass "
-                      "little gradient back, while a GRU's gradient passes back through (1 - z) however near 1 "
-                      "|h| is (no saturation measure)."),
+        "tanh hidden states": "Hidden states, tanh outputs: a saturated unit (|h| > 0.97, shaded) passes little "
+                              "gradient back.",
+        "Recurrent": "Hidden states (no saturation measure: a GRU's gradient passes back through (1 - z) however "
+                     "near 1 |h| is).",
     }
-    return " ".join(notes[kind] for kind in kinds) + ("" if kinds == ["Tanh"] else SEQUENCE_NOTE)
+    sentences = [notes["tanh hidden states" if kind == "Recurrent" and set(labels) <= set(saturable) else kind]
+                 for kind, labels in kinds]
+    return " ".join(sentences) + ("" if [kind for kind, _ in kinds] == ["Tanh"] else SEQUENCE_NOTE)
 
 
 def gradients_caption(history):
