@@ -104,7 +104,7 @@ def by_kind(history, labels):
 
 
 def is_crowded(entries):
-    """Whether a figure has a panel with too many lines for its legend to go inside (not in the lectures. presets)."""
+    """Whether a figure has a panel with too many lines for its legend to go inside (not in the lectures' presets)."""
     return entries > LEGEND_INSIDE
 
 
