@@ -1,4 +1,4 @@
-"""train --diagnostics and handprop diagnose: five PNG figures and a self-contained report.html."""
+"""train --diagnostics and handprop diagnose: the figures a model has something for, and report.html."""
 
 import base64
 import contextlib
@@ -14,6 +14,8 @@ import pytest
 from matplotlib.image import imread
 
 from handprop.cli import main
+from handprop.diagnostics import FILENAME, load_history
+from handprop.report import FIGURES as FIGURE_SPECS
 
 FIGURES = ["loss.png", "activations.png", "gradients.png", "weight_gradients.png", "update_ratios.png"]
 
@@ -57,6 +59,57 @@ def test_diagnose_redraws_the_same_figures_and_report(diagnosed_dir, capsys):
     assert capsys.readouterr().out.startswith("wrote ")
     for name, data in before.items():
         assert (diagnosed_dir / name).read_bytes() == data, name
+
+
+RECURRENT_ROWS = {"activations.png": ["activations (hidden states)"],
+                  "gradients.png": ["gradients (dL/d hidden state)", "gradients (dL/d logits)"]}
+# per sequence model: tiny sizes, and the rows of the activations and gradients figures (a row per kind of layer)
+SEQUENCE_RUNS = {
+    "bigram": ([], {}),                 # a table of logits: no hidden layer, so no activations or gradients figure
+    "rnn": (["--n-embd", "8", "--n-hidden", "12"], RECURRENT_ROWS),
+    "gru": (["--n-embd", "8", "--n-hidden", "12"], RECURRENT_ROWS),
+    "transformer": (["--n-embd", "8", "--n-layers", "1", "--n-head", "2"],
+                    {"activations.png": ["activations (LayerNorm outputs)", "activations (attention outputs)",
+                                         "activations (GELU outputs)"],
+                     "gradients.png": ["gradients (dL/d LayerNorm output)", "gradients (dL/d attention output)",
+                                       "gradients (dL/d GELU output)", "gradients (dL/d logits)"]}),
+}
+
+
+@pytest.mark.parametrize("model", SEQUENCE_RUNS)
+def test_sequence_models_draw_the_figures_they_have_something_for(tmp_path, model, capsys):
+    flags, rows = SEQUENCE_RUNS[model]
+    argv = ["train", "-o", str(tmp_path), "--model", model, "--max-steps", "20", "--warmup", "2", "--diagnostics",
+            *flags]
+    assert main(argv) == 0
+    expected = ["loss.png", *rows, "weight_gradients.png", "update_ratios.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(expected)      # nothing left empty is written
+    page = (tmp_path / "report.html").read_text()
+    for name in expected:
+        data = (tmp_path / name).read_bytes()
+        width, height = png_size(data)
+        pixels = imread(tmp_path / name)                        # decodes every chunk: a whole, valid image
+        assert pixels.shape[:2] == (height, width) and pixels[..., :3].std() > 0.05, name
+        assert f'src="data:image/png;base64,{base64.b64encode(data).decode()}"' in page, name
+    assert page.count("<img ") == len(expected) and page.count("<figcaption>") == len(expected)
+    # every panel of every figure has lines, and a row per kind of layer in the model
+    history = load_history(tmp_path / FILENAME)
+    for name in expected:
+        fig = FIGURE_SPECS[name].draw(history)
+        assert all(ax.lines for ax in fig.axes), name
+        if name in rows:
+            titles = [ax.get_title() for ax in fig.axes]        # row by row: the first and the last recorded step
+            assert titles == [f"{row}, step {step}" for row in rows[name] for step in (0, 19)], name
+    if model == "rnn":                                          # tanh hidden states: their saturation is recorded
+        assert history.columns["act_saturation"] == ["1.Recurrent"]
+    else:
+        assert "act_saturation" not in history.columns
+    capsys.readouterr()
+    before = {name: (tmp_path / name).read_bytes() for name in expected + ["report.html"]}
+    assert main(["diagnose", "-o", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("wrote ")
+    for name, data in before.items():
+        assert (tmp_path / name).read_bytes() == data, name
 
 
 def test_diagnose_without_recorded_diagnostics_is_one_clear_error(trained_dir, capsys):

@@ -1,11 +1,15 @@
 """Looking inside training: statistics of the hand-written forward and backward passes.
 
-At a recorded step the model keeps every layer's output and the gradient of the loss with
-respect to it (Sequential.record), and Diagnostics turns them into the lecture's numbers
-(part 3): each tanh layer's output mean, std and saturation; each layer's gradient mean and
-std; each weight matrix's grad:data ratio; each parameter's log10 update:data ratio. The
-minibatch loss of every step is kept for the loss curve. A History is what a run recorded;
-it is saved as diagnostics.safetensors next to the model and drawn by report.py.
+At a recorded step every Sequential in the model, nested ones included, keeps its layers'
+outputs and the gradient of the loss with respect to each (Sequential.record), and
+Diagnostics turns them into the lecture's numbers (part 3): the output mean and std of the
+watched layers (tanh layers; the transformer's LayerNorm, attention and GELU outputs; the
+recurrent models' hidden states) and the saturation of those that are tanh outputs; every
+layer's gradient mean and std; each weight matrix's grad:data ratio; each parameter's log10
+update:data ratio. In the sequence models only the positions the loss counts enter a
+statistic (padding is left out). The minibatch loss of every step is kept for the loss curve.
+A History is what a run recorded; it is saved as diagnostics.safetensors next to the model
+and drawn by report.py.
 """
 
 import json
@@ -19,28 +23,34 @@ from safetensors.torch import save as safetensors_bytes
 
 from .checkpoint import atomic_write, tensors_digest
 from .errors import UserError
-from .layers import Tanh
+from .layers import GELU, CausalSelfAttention, LayerNorm, Recurrent, RNNCell, Sequential, Tanh, walk
 
 SATURATION = 0.97           # |tanh| above this passes back under 6% of the gradient (1 - 0.97^2)
 FILENAME = "diagnostics.safetensors"
 FORMAT = "handprop-diagnostics"
 VERSION = 1
+# the layers whose outputs are watched (the activations figure): tanh layers (the lectures), the transformer's
+# LayerNorm, attention and GELU outputs, a recurrent model's hidden states
+WATCHED = (Tanh, LayerNorm, CausalSelfAttention, GELU, Recurrent)
 
 
 @dataclass
 class History:
     """Everything a run recorded; saved as diagnostics.safetensors and drawn by report.py.
 
-    Statistics ('series') and what their columns are:
+    Statistics ('series') and what their columns are (a series no layer of the model has is left out):
       val_loss        ['val']           loss on the whole val split (eval mode) as the step began
-      act_mean/_std   tanh layers       of the layer's output
-      act_saturation  tanh layers       % of outputs with |t| > 0.97
-      grad_mean/_std  every layer       of dL/d(layer output)
-      grad_data       weight matrices   std(dL/dW) / std(W)
+      act_mean/_std   watched layers    of the layer's output
+      act_saturation  tanh outputs      % of outputs with |t| > 0.97 (Tanh layers, an RNN's hidden states)
+      grad_mean/_std  every layer       of dL/d(layer output); nested layers by path, e.g. '2.inner.1.GELU'
+      grad_data       weight matrices   std(dL/dW) / std(W), W as the optimiser gets it (after clipping)
       update_ratio    every parameter   log10(std(update) / std(parameter after the update))
+    Snapshots: 'act.<label>' of the watched layers, 'grad.<label>' of the watched layers (and, in the sequence
+    models, of the logits), 'weight_grad.<name>' of the weight matrices; at the first and the last recorded step.
+    In the sequence models statistics and snapshots cover only the positions the loss counts: (N, C) tensors.
     """
 
-    columns: dict                   # series name -> label of each column, e.g. 'act_std' -> ['3.Tanh']
+    columns: dict                   # series name -> label of each column, e.g. 'act_std' -> ['2.Tanh', '5.Tanh']
     train_loss: list                # the minibatch loss of every step (nan: before a resume that found no history)
     steps: list = field(default_factory=list)       # the recorded steps, in order
     series: dict = field(default_factory=dict)      # series name -> one list of numbers per recorded step
@@ -93,26 +103,60 @@ def parameters_digest(model):
     return tensors_digest(model.parameters())
 
 
-def layer_labels(model):
-    """'i.Kind' for every layer of a Sequential, e.g. '3.Tanh' (the index matches parameter names)."""
-    return [f"{i}.{type(layer).__name__}" for i, layer in enumerate(model.layers)]
+def named_children(layer):
+    """(name, child) for each layer inside layer, named as the child's parameters are: '2' in a Sequential, 'inner'."""
+    if isinstance(layer, Sequential):
+        return [(str(i), child) for i, child in enumerate(layer.layers)]
+    attribute = {id(value): name for name, value in vars(layer).items()}   # Residual.inner -> 'inner'
+    return [(attribute[id(child)], child) for child in layer.children()]
 
 
-def step_statistics(model, tanh, weights):
-    """This step's layer statistics from what a recording model kept: {series: [one number per column]}."""
-    acts = [model.outputs[i] for i in tanh]             # each (B, C) or (B, T, C), values in (-1, 1)
-    grads = model.output_grads                          # dL/d(output) of every layer, same shapes as the outputs
-    params, param_grads = model.parameters(), model.grads
+def recorded_layers(layer, path=""):
+    """(label, sequential, index) for every layer a Sequential runs, nested ones included, depth first.
+
+    A label is the layer's path (as its parameters are named) and kind: '3.Tanh', '2.inner.1.CausalSelfAttention'.
+    """
+    for name, child in named_children(layer):
+        if isinstance(layer, Sequential):
+            yield f"{path}{name}.{type(child).__name__}", layer, int(name)
+        yield from recorded_layers(child, f"{path}{name}.")
+
+
+def is_tanh_output(layer):
+    """Whether layer's output is a tanh's, whose saturation (|t| > 0.97) blocks the gradient: Tanh, an RNN's state.
+
+    A GRU's hidden state mixes the previous one with a tanh candidate; its gradient passes back through (1 - z)
+    however close to 1 it is, so its saturation would say nothing.
+    """
+    return isinstance(layer, Tanh) or (isinstance(layer, Recurrent) and isinstance(layer.cell, RNNCell))
+
+
+def scored_positions(dlogits):
+    """(B, T) True where the loss counts a position of sequence logits (B, T, V); None for window logits (B, V).
+
+    The padded positions' logits get exactly zero gradient; a counted position's row, softmax minus one-hot, never
+    is all zeros (that needs every other probability to underflow to 0).
+    """
+    return dlogits.ne(0).any(-1) if dlogits.ndim == 3 else None
+
+
+def at_scored(t, scored):
+    """t (B, T, ...) at the positions the loss counts, (N, ...); t itself for a window model (scored None)."""
+    return t if scored is None else t[scored]
+
+
+def step_statistics(acts, saturable, grads, weights, params, param_grads):
+    """This step's statistics from the recorded tensors: {series: [one number per column]}, empty series left out."""
     values = {
-        "act_mean": [t.mean() for t in acts],
+        "act_mean": [t.mean() for t in acts],          # each (B, C), (B, T, C) or (N, C)
         "act_std": [t.std() for t in acts],
         # float64: a share of a count, in full
-        "act_saturation": [(t.abs() > SATURATION).double().mean() * 100 for t in acts],
-        "grad_mean": [g.mean() for g in grads],
+        "act_saturation": [(t.abs() > SATURATION).double().mean() * 100 for t in saturable],
+        "grad_mean": [g.mean() for g in grads],        # dL/d(output), same shapes as the outputs
         "grad_std": [g.std() for g in grads],
         "grad_data": [param_grads[w].std() / params[w].std() for w in weights],
     }
-    return {name: torch.stack(v).tolist() for name, v in values.items()}   # one device sync per series
+    return {name: torch.stack(v).tolist() for name, v in values.items() if v}   # one device sync per series
 
 
 def update_ratios(before, after):
@@ -144,50 +188,65 @@ class Diagnostics:
         self.model, self.every, self.max_steps = model, every, max_steps
         self.val_loss = val_loss                # () -> loss on the val split, in eval mode
         self.writer = writer                    # a TensorBoard SummaryWriter, or None
-        self.tanh = [i for i, layer in enumerate(model.layers) if isinstance(layer, Tanh)]
+        self.sequentials = [layer for layer in walk(model) if isinstance(layer, Sequential)]   # each records its own
+        self.recorded = list(recorded_layers(model))     # (label, sequential, index) of every layer, nested included
+        layers = {label: sequential.layers[i] for label, sequential, i in self.recorded}
+        self.watched = [label for label, layer in layers.items() if isinstance(layer, WATCHED)]
+        self.saturable = [label for label in self.watched if is_tanh_output(layers[label])]
+        # the gradients figure: the watched layers'; the sequence models' also the logits', where their backward starts
+        logits = f"{len(model.layers) - 1}.{type(model.layers[-1]).__name__}"
+        new_kinds = any(not isinstance(layers[label], Tanh) for label in self.watched)
+        self.gradients_shown = self.watched + [logits] * new_kinds
         params = model.parameters()
         self.weights = [name for name, p in params.items() if p.ndim == 2]
-        self.labels = labels = layer_labels(model)
-        tanh_labels = [labels[i] for i in self.tanh]
         columns = {
             "val_loss": ["val"],
-            "act_mean": tanh_labels, "act_std": tanh_labels, "act_saturation": tanh_labels,
-            "grad_mean": labels, "grad_std": labels,
+            "act_mean": self.watched, "act_std": self.watched, "act_saturation": self.saturable,
+            "grad_mean": list(layers), "grad_std": list(layers),
             "grad_data": self.weights,
             "update_ratio": list(params),
         }
+        columns = {name: labels for name, labels in columns.items() if labels}
         fresh = History(columns, train_loss=[math.nan] * start_step, series={name: [] for name in columns})
         self.history = previous or fresh
         self.logged_up_to = start_step          # train losses before this step are in TensorBoard already
         self.row = None                         # the recorded step's numbers until its update is known
         self.before = None                      # the parameters as the recorded step began
 
+    def record(self, on):
+        """Every Sequential in the model keeps (on) or stops keeping its layers' passes."""
+        for sequential in self.sequentials:
+            sequential.record = on
+
     def begin(self, step):
         """Records step if it is the first, an `every`-th or the last: the model then keeps its passes."""
-        self.model.record = step % self.every == 0 or step == self.max_steps - 1
+        self.record(step % self.every == 0 or step == self.max_steps - 1)
 
     def after_backward(self):
         """At a recorded step: statistics of the passes, the val loss, and the parameters before the update."""
         model = self.model
         if not model.record:
             return
-        model.record = False                    # the val forward below must not replace what was kept
-        self.row = step_statistics(model, self.tanh, self.weights)
-        self.keep_snapshots()
+        self.record(False)                      # the val forward below must not replace what was kept
+        outputs = {label: sequential.outputs[i] for label, sequential, i in self.recorded}
+        grads = {label: sequential.output_grads[i] for label, sequential, i in self.recorded}
+        scored = scored_positions(model.output_grads[-1])
+        outputs = {label: at_scored(t, scored) for label, t in outputs.items()}
+        grads = {label: at_scored(g, scored) for label, g in grads.items()}
+        self.row = step_statistics([outputs[k] for k in self.watched], [outputs[k] for k in self.saturable],
+                                   list(grads.values()), self.weights, model.parameters(), model.grads)
+        self.keep_snapshots(outputs, grads)
         self.before = {k: p.clone() for k, p in model.parameters().items()}
         self.row["val_loss"] = [self.val_loss()]
 
-    def keep_snapshots(self):
+    def keep_snapshots(self, outputs, grads):
         """The tensors behind the histograms, at the first recorded step and (so far) the last."""
-        model, snapshots = self.model, {}
-        for i in self.tanh:
-            snapshots[f"act.{self.labels[i]}"] = model.outputs[i].detach().cpu().clone()
-            snapshots[f"grad.{self.labels[i]}"] = model.output_grads[i].detach().cpu().clone()
-        grads = model.grads
+        snapshots = {f"act.{label}": outputs[label].detach().cpu().clone() for label in self.watched}
+        snapshots |= {f"grad.{label}": grads[label].detach().cpu().clone() for label in self.gradients_shown}
+        param_grads = self.model.grads
         for w in self.weights:
-            snapshots[f"weight_grad.{w}"] = grads[w].detach().cpu().clone()
-        if not self.history.steps:              # the first recorded step: a copy of its own (safetensors wants
-                                                # no shared storage)
+            snapshots[f"weight_grad.{w}"] = param_grads[w].detach().cpu().clone()
+        if not self.history.steps:      # the first recorded step: a copy of its own: safetensors refuses shared storage
             self.history.snapshots |= {f"first.{k}": v.clone() for k, v in snapshots.items()}
         self.history.snapshots |= {f"last.{k}": v for k, v in snapshots.items()}
 

@@ -1,4 +1,6 @@
-"""The pictures of a recorded run: five PNG figures and a self-contained report.html.
+"""The pictures of a recorded run: up to five PNG figures and a self-contained report.html.
+
+A figure the run recorded nothing for is left out (a bigram has no hidden layer to draw).
 
 Figures are drawn with matplotlib's object-oriented API (Figure + the Agg PNG renderer),
 never pyplot, so nothing needs a display and no global state is touched.
@@ -7,11 +9,13 @@ never pyplot, so nothing needs a display and no global state is touched.
 import base64
 import html
 import io
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps, cycler
 from matplotlib.figure import Figure
 
 from .checkpoint import LATEST, atomic_write_all, load_checkpoint
@@ -57,9 +61,9 @@ def plot_loss(history):
 
 
 def layer_name(label):
-    """'3.Tanh' -> 'layer 3 (Tanh)', as the lecture labels its plots."""
-    index, kind = label.split(".")
-    return f"layer {index} ({kind})"
+    """'3.Tanh' -> 'layer 3 (Tanh)', as the lecture labels its plots; nested: 'layer 2.inner.1 (GELU)'."""
+    path, kind = label.rsplit(".", 1)
+    return f"layer {path} ({kind})"
 
 
 def histogram_line(ax, values, label):
@@ -69,49 +73,122 @@ def histogram_line(ax, values, label):
 
 
 ROWS = {"first": 0, "last": -1}     # snapshot prefix -> its row among the recorded steps
+OUTPUT_NAMES = {                    # the kind of a layer with histograms -> what its output is called
+    "Tanh": "tanh output", "LayerNorm": "LayerNorm output", "CausalSelfAttention": "attention output",
+    "GELU": "GELU output", "Recurrent": "hidden state", "logits": "logits",
+}
+LEGEND_INSIDE = 8                   # a legend with more entries goes beside its panel
 
 
-def panels(history, title, which):
-    """A figure with one panel per snapshot in which ('first', 'last'): [(axes, snapshot prefix, row)]."""
-    fig = Figure(figsize=(7 * len(which), 4.5))
-    axes = fig.subplots(1, len(which), squeeze=False)[0]
-    chosen = [(ax, prefix, ROWS[prefix]) for ax, prefix in zip(axes, which, strict=True)]
-    for ax, _, row in chosen:
-        ax.set_title(f"{title}, step {history.steps[row]}")
-    return fig, chosen
+def watched(history):
+    """The labels of the watched layers, whose outputs the activations figure shows (none: no figure)."""
+    return history.columns.get("act_mean", [])
+
+
+def gradient_labels(history):
+    """The labels whose output gradients the gradients figure shows (none: no figure), in the model's order."""
+    return [label for label in history.columns["grad_mean"] if f"first.grad.{label}" in history.snapshots]
+
+
+def output_kind(history, label):
+    """A shown layer's kind ('Tanh', 'GELU'...), or 'logits' for the model's output, the one shown but not watched."""
+    return label.rsplit(".", 1)[1] if label in watched(history) else "logits"
+
+
+def by_kind(history, labels):
+    """[(kind, [label, ...])]: labels grouped by the kind of their output, kinds in the order they first come."""
+    groups = {}
+    for label in labels:
+        groups.setdefault(output_kind(history, label), []).append(label)
+    return list(groups.items())
+
+
+def is_crowded(entries):
+    """Whether a figure has a panel with too many lines for its legend to go inside (not in the lectures' presets)."""
+    return entries > LEGEND_INSIDE
+
+
+# a crowded panel's lines: 20 colours, then the same colours dashed and dotted, so no two lines look alike
+CROWDED_LINES = cycler(linestyle=["-", "--", ":"]) * cycler(color=colormaps["tab20"].colors)
+
+
+def add_legend(ax, crowded):
+    """The legend inside the panel as in the lecture, or beside it when the figure is crowded."""
+    if crowded:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend(fontsize=8)
+
+
+def panels(history, titles, which, crowded=False):
+    """A figure with a row of panels per title and a column per snapshot in which ('first', 'last').
+
+    Returns the figure and, per row, [(axes, snapshot prefix, row among the recorded steps)]. A crowded figure
+    is wider, with distinct line styles and room for the legends beside its panels; one of several rows lays
+    itself out so no row's labels run into the next (the lectures' figures have one row, laid out as before).
+    """
+    width = 11 if crowded else 7
+    layout = "constrained" if crowded or len(titles) > 1 else None
+    fig = Figure(figsize=(width * len(which), 4.5 * len(titles)), layout=layout)
+    grid = fig.subplots(len(titles), len(which), squeeze=False)
+    rows = []
+    for title, axes in zip(titles, grid, strict=True):
+        chosen = [(ax, prefix, ROWS[prefix]) for ax, prefix in zip(axes, which, strict=True)]
+        for ax, _, row in chosen:
+            ax.set_title(f"{title}, step {history.steps[row]}")
+            if crowded:
+                ax.set_prop_cycle(CROWDED_LINES)
+        rows.append(chosen)
+    return fig, rows
+
+
+def activation_legend(history, label, row):
+    """A watched layer's name and statistics; a tanh output's with its saturation, to the lecture's precision."""
+    mean, std = (history.column(s, label)[row] for s in ("act_mean", "act_std"))
+    if label in history.columns.get("act_saturation", []):
+        sat = history.column("act_saturation", label)[row]
+        return f"{layer_name(label)}: mean {mean:+.2f}, std {std:.2f}, saturated {sat:.1f}%"
+    return f"{layer_name(label)}: mean {mean:+.3g}, std {std:.3g}"     # attention outputs start near 0.01
 
 
 def plot_activations(history, which=("first", "last")):
-    """Histograms of every tanh layer's output, with mean, std and saturation in the legend."""
-    fig, axes = panels(history, "activations (tanh outputs)", which)
-    for ax, prefix, row in axes:
-        for label in history.columns["act_mean"]:
-            mean, std, sat = (history.column(s, label)[row] for s in ("act_mean", "act_std", "act_saturation"))
-            histogram_line(ax, history.snapshots[f"{prefix}.act.{label}"],
-                           f"{layer_name(label)}: mean {mean:+.2f}, std {std:.2f}, saturated {sat:.1f}%")
-        ax.axvspan(-1, -SATURATION, color="0.9")
-        ax.axvspan(SATURATION, 1, color="0.9")          # the saturated bands
-        ax.set(xlabel="tanh output", ylabel="density")
-        ax.legend(fontsize=8)
+    """Histograms of the watched layers' outputs, a row per kind, with mean, std (and saturation) in the legend."""
+    kinds = by_kind(history, watched(history))
+    crowded = is_crowded(max(len(labels) for _, labels in kinds))
+    fig, rows = panels(history, [f"activations ({OUTPUT_NAMES[kind]}s)" for kind, _ in kinds], which, crowded)
+    saturable = history.columns.get("act_saturation", [])
+    for (kind, labels), axes in zip(kinds, rows, strict=True):
+        for ax, prefix, row in axes:
+            for label in labels:
+                histogram_line(ax, history.snapshots[f"{prefix}.act.{label}"], activation_legend(history, label, row))
+            if any(label in saturable for label in labels):
+                ax.axvspan(-1, -SATURATION, color="0.9")
+                ax.axvspan(SATURATION, 1, color="0.9")          # the saturated bands
+            ax.set(xlabel=OUTPUT_NAMES[kind], ylabel="density")
+            add_legend(ax, crowded)
     return fig
 
 
 def plot_gradients(history, which=("first", "last")):
-    """Histograms of the gradient arriving at every tanh layer's output, with mean and std."""
-    fig, axes = panels(history, "gradients (dL/d tanh output)", which)
-    for ax, prefix, row in axes:
-        for label in history.columns["act_mean"]:
-            mean, std = (history.column(s, label)[row] for s in ("grad_mean", "grad_std"))
-            histogram_line(ax, history.snapshots[f"{prefix}.grad.{label}"],
-                           f"{layer_name(label)}: mean {mean:+.2e}, std {std:.2e}")
-        ax.set(xlabel="gradient", ylabel="density")
-        ax.legend(fontsize=8)
+    """Histograms of the gradient arriving at the watched layers' outputs (and the logits), a row per kind."""
+    kinds = by_kind(history, gradient_labels(history))
+    crowded = is_crowded(max(len(labels) for _, labels in kinds))
+    fig, rows = panels(history, [f"gradients (dL/d {OUTPUT_NAMES[kind]})" for kind, _ in kinds], which, crowded)
+    for (_, labels), axes in zip(kinds, rows, strict=True):
+        for ax, prefix, row in axes:
+            for label in labels:
+                mean, std = (history.column(s, label)[row] for s in ("grad_mean", "grad_std"))
+                histogram_line(ax, history.snapshots[f"{prefix}.grad.{label}"],
+                               f"{layer_name(label)}: mean {mean:+.2e}, std {std:.2e}")
+            ax.set(xlabel="gradient", ylabel="density")
+            add_legend(ax, crowded)
     return fig
 
 
 def plot_weight_gradients(history, which=("first", "last")):
     """Histograms of every weight matrix's gradient, with its std and grad:data ratio."""
-    fig, axes = panels(history, "weight gradients", which)
+    crowded = is_crowded(len(history.columns["grad_data"]))
+    fig, (axes,) = panels(history, ["weight gradients"], which, crowded)
     for ax, prefix, row in axes:
         for name in history.columns["grad_data"]:
             grad = history.snapshots[f"{prefix}.weight_grad.{name}"]
@@ -119,37 +196,105 @@ def plot_weight_gradients(history, which=("first", "last")):
             shape = "x".join(str(n) for n in grad.shape)
             histogram_line(ax, grad, f"{name} ({shape}): std {grad.std():.2e}, grad:data {ratio:.2e}")
         ax.set(xlabel="gradient", ylabel="density")
-        ax.legend(fontsize=8)
+        add_legend(ax, crowded)
     return fig
 
 
 def plot_update_ratios(history):
     """log10(std(update) / std(weight)) of every weight matrix over training, against the 1e-3 guide."""
-    fig = Figure(figsize=(9, 4))
+    crowded = is_crowded(len(history.columns["grad_data"]) + 1)     # and the guide line
+    fig = Figure(figsize=(13 if crowded else 9, 4), layout="constrained" if crowded else None)
     ax = fig.subplots()
+    if crowded:
+        ax.set_prop_cycle(CROWDED_LINES)
     for name in history.columns["grad_data"]:          # the weight matrices, as in the lecture
         ax.plot(history.steps, history.column("update_ratio", name), label=name)
     ax.axhline(-3, color="k", linestyle="--", label="1e-3 guide")
     ax.set(xlabel="step", ylabel="log10 update:data", title="update:data ratio of the weight matrices")
-    ax.legend(fontsize=8)
+    add_legend(ax, crowded)
     return fig
 
 
-FIGURES = {                 # file name -> (drawing function, caption in the report)
-    "loss.png": (plot_loss, "Loss: train averaged over windows of steps, val at the recorded steps."),
-    "activations.png": (plot_activations,
-                        "Tanh outputs; a saturated unit (|t| > 0.97, shaded) passes little gradient back."),
-    "gradients.png": (plot_gradients,
-                      "Gradients at the tanh outputs; similar spreads mean no layer learns much faster than another."),
-    "weight_gradients.png": (plot_weight_gradients, "Weight gradients and their grad:data ratios."),
-    "update_ratios.png": (plot_update_ratios,
-                          "How far each step moves each weight matrix; the lecture aims near 1e-3."),
+SEQUENCE_NOTE = " Only the positions the loss counts enter (padding is left out)."
+
+
+def activations_caption(history):
+    """What the activations figure shows, a sentence per kind of watched layer."""
+    kinds = by_kind(history, watched(history))
+    saturable = history.columns.get("act_saturation", [])
+    notes = {
+        "Tanh": "Tanh outputs; a saturated unit (|t| > 0.97, shaded) passes little gradient back.",
+        "LayerNorm": "LayerNorm outputs: each position normalised over its channels, then scaled and shifted.",
+        "CausalSelfAttention": "Attention outputs: what each block's attention adds (before dropout) to the "
+                               "residual stream.",
+        "GELU": "GELU outputs, the MLPs' hidden units (no saturation measure: GELU has no flat upper side).",
+        "tanh hidden states": "Hidden states, tanh outputs: a saturated unit (|h| > 0.97, shaded) passes little "
+                              "gradient back.",
+        "Recurrent": "Hidden states (no saturation measure: a GRU's gradient passes back through (1 - z) however "
+                     "near 1 |h| is).",
+    }
+    sentences = [notes["tanh hidden states" if kind == "Recurrent" and set(labels) <= set(saturable) else kind]
+                 for kind, labels in kinds]
+    return " ".join(sentences) + ("" if [kind for kind, _ in kinds] == ["Tanh"] else SEQUENCE_NOTE)
+
+
+def gradients_caption(history):
+    """What the gradients figure shows: the lecture's sentence, or the sequence models' (with their logits)."""
+    kinds = [kind for kind, _ in by_kind(history, gradient_labels(history))]
+    if kinds == ["Tanh"]:
+        return "Gradients at the tanh outputs; similar spreads mean no layer learns much faster than another."
+    recurrent = (" At the hidden states it is what each position's own logits send back, before backprop through "
+                 "time adds what later positions send." if "Recurrent" in kinds else "")
+    return ("Gradients at the watched layers' outputs and at the logits, where the backward starts; similar spreads "
+            "across depth mean no layer learns much faster than another." + recurrent + SEQUENCE_NOTE)
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """How to draw one figure, what to say under it, and whether a run recorded anything for it."""
+
+    draw: Callable          # history -> matplotlib Figure
+    caption: Callable       # history -> the caption under it in the report
+    shown: Callable         # history -> whether the figure has something to show (else it is left out)
+
+
+def fixed(text):
+    """A caption the same for every run."""
+    return lambda history: text
+
+
+def always(history):
+    return True
+
+
+def has_watched(history):
+    return bool(watched(history))
+
+
+def has_gradients(history):
+    return bool(gradient_labels(history))
+
+
+def has_weights(history):
+    return bool(history.columns.get("grad_data"))
+
+
+FIGURES = {                 # file name -> how to draw it
+    "loss.png": FigureSpec(plot_loss, fixed("Loss: train averaged over windows of steps, val at the recorded steps."),
+                           always),
+    "activations.png": FigureSpec(plot_activations, activations_caption, has_watched),
+    "gradients.png": FigureSpec(plot_gradients, gradients_caption, has_gradients),
+    "weight_gradients.png": FigureSpec(plot_weight_gradients, fixed("Weight gradients and their grad:data ratios."),
+                                       has_weights),
+    "update_ratios.png": FigureSpec(plot_update_ratios,
+                                    fixed("How far each step moves each weight matrix; the lecture aims near 1e-3."),
+                                    has_weights),
 }
 
 
 def render_figures(history):
-    """{file name: PNG bytes} for the five figures."""
-    return {name: png_bytes(draw(history)) for name, (draw, _) in FIGURES.items()}
+    """{file name: PNG bytes} for every figure the run has something for (all five for the lectures' models)."""
+    return {name: png_bytes(spec.draw(history)) for name, spec in FIGURES.items() if spec.shown(history)}
 
 
 def table(rows):
@@ -176,15 +321,15 @@ ol { columns: 4; font-family: monospace; }
 """
 
 
-def render_html(checkpoint, images, samples):
-    """The report page: summary, final losses, the figures embedded as base64, samples, configuration."""
+def render_html(checkpoint, history, images, samples):
+    """The report page: summary, final losses, the figures drawn (embedded as base64), samples, configuration."""
     spec = checkpoint.spec
     parameters = count_parameters(checkpoint.model)
     title = f"handprop: {describe(spec.model_config)}, {parameters} parameters, {checkpoint.step} steps"
     figures = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(images[name]).decode()}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        for name, (_, caption) in FIGURES.items()
+        f"<figcaption>{html.escape(FIGURES[name].caption(history))}</figcaption></figure>"
+        for name in images
     )
     items = "".join(f"<li>{html.escape(s)}</li>" for s in samples)
     return f"""<!doctype html>
@@ -209,7 +354,7 @@ def render_html(checkpoint, images, samples):
 
 
 def write_report(work_dir, device="cpu"):
-    """Draw the five figures and report.html into work_dir from its model and recorded diagnostics."""
+    """Draw the figures and report.html into work_dir from its model and recorded diagnostics."""
     work_dir = Path(work_dir)
     checkpoint = load_checkpoint(work_dir / LATEST, device)
     history = load_history(work_dir / FILENAME)
@@ -222,7 +367,7 @@ def write_report(work_dir, device="cpu"):
     spec = checkpoint.spec
     generator = torch.Generator(device=device).manual_seed(spec.train_config.seed)
     samples = sample_items(checkpoint.model, spec, SAMPLES, generator)
-    page = render_html(checkpoint, images, samples)
+    page = render_html(checkpoint, history, images, samples)
     files = {work_dir / name: png for name, png in images.items()} | {work_dir / "report.html": page.encode()}
     try:                                    # everything is drawn before the first file is written
         atomic_write_all(files)
