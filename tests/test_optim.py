@@ -99,18 +99,18 @@ def test_matrices_only_decay_leaves_biases_and_norm_parameters_undecayed():
 
 
 def textbook_adamw_step(params, grads, m, v, t, lr, weight_decay, betas=(0.9, 0.99), eps=1e-8):
-    """The per-parameter update handprop's lecture runs were trained with, operation by operation."""
+    """torch.optim.AdamW's single-tensor update, one parameter at a time, operation by operation."""
     b1, b2 = betas
     for k, p in params.items():
-        m[k].mul_(b1).add_(grads[k], alpha=1 - b1)
+        m[k].lerp_(grads[k], 1 - b1)
         v[k].mul_(b2).addcmul_(grads[k], grads[k], value=1 - b2)
-        m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+        denom = (v[k].sqrt() / math.sqrt(1 - b2**t)).add_(eps)
         p.mul_(1 - lr * weight_decay)
-        p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+        p.sub_(m[k] / denom * (lr / (1 - b1**t)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_adamw_decaying_all_is_bit_identical_to_the_per_parameter_update(dtype):
+def test_adamw_on_flat_buffers_is_bit_identical_to_the_per_parameter_update(dtype):
     params = {k: v.to(dtype) for k, v in random_params(4).items()}
     mine = {k: v.clone() for k, v in params.items()}
     m, v = {k: torch.zeros_like(p) for k, p in params.items()}, {k: torch.zeros_like(p) for k, p in params.items()}

@@ -11,6 +11,7 @@ gradcheck.py. Nothing in this file calls autograd.
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -122,9 +123,10 @@ class Linear(Layer):
         self.grads = {}
 
     def forward(self, x):
-        self.x = x                              # (..., fan_in)
-        out = x @ self.weight                   # (..., fan_out)
-        return out + self.bias if self.bias is not None else out
+        self.x = x                                              # (..., fan_in)
+        x2d = x.reshape(-1, self.weight.shape[0])               # (N, fan_in): every leading position is a row
+        out = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)   # one call
+        return out.view(*x.shape[:-1], self.weight.shape[1])    # (..., fan_out)
 
     def backward(self, dout):
         # dW = x^T dout, db = sum of dout over every leading dimension, dx = dout W^T
@@ -133,7 +135,7 @@ class Linear(Layer):
         self.grads = {"weight": x2d.T @ dout2d}
         if self.bias is not None:
             self.grads["bias"] = dout2d.sum(0)
-        return dout @ self.weight.T                             # (..., fan_in)
+        return (dout2d @ self.weight.T).view(self.x.shape)      # (..., fan_in)
 
     def parameters(self):
         return {"weight": self.weight} if self.bias is None else {"weight": self.weight, "bias": self.bias}
@@ -301,20 +303,20 @@ class LayerNorm(Layer):
         self.grads = {}
 
     def forward(self, x):
-        mean = x.mean(-1, keepdim=True)                         # (..., 1)
-        centred = x - mean                                      # (..., C)
+        centred = x - x.mean(-1, keepdim=True)                  # (..., C)
         var = (centred * centred).mean(-1, keepdim=True)        # (..., 1), divides by C
-        self.inv_std = (var + self.eps) ** -0.5
-        self.xhat = centred * self.inv_std                      # (..., C)
-        return self.weight * self.xhat + self.bias
+        self.inv_std = var.add_(self.eps).rsqrt_()              # (..., 1)
+        self.xhat = centred.mul_(self.inv_std)                  # (..., C)
+        return torch.addcmul(self.bias, self.xhat, self.weight)     # gamma * xhat + beta
 
     def backward(self, dout):
         # dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = gamma * dout, means over C
         dims = tuple(range(dout.ndim - 1))
-        self.grads = {"weight": (dout * self.xhat).sum(dims), "bias": dout.sum(dims)}
+        dout_xhat = dout * self.xhat                            # (..., C)
+        self.grads = {"weight": dout_xhat.sum(dims), "bias": dout.sum(dims)}
         dxhat = dout * self.weight
-        mean_dxhat, mean_dxhat_xhat = dxhat.mean(-1, keepdim=True), (dxhat * self.xhat).mean(-1, keepdim=True)
-        return self.inv_std * (dxhat - mean_dxhat - self.xhat * mean_dxhat_xhat)
+        mean_dxhat, mean_dxhat_xhat = dxhat.mean(-1, keepdim=True), (dout_xhat * self.weight).mean(-1, keepdim=True)
+        return (dxhat - mean_dxhat).sub_(self.xhat * mean_dxhat_xhat).mul_(self.inv_std)
 
     def parameters(self):
         return {"weight": self.weight, "bias": self.bias}
@@ -335,13 +337,16 @@ class GELU(Layer):
 
     def forward(self, x):
         self.x = x
-        self.tanh = torch.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x))
-        return 0.5 * x * (1.0 + self.tanh)
+        inner = torch.addcmul(x, x * x, x, value=GELU_CUBIC).mul_(SQRT_2_OVER_PI)   # sqrt(2/pi) (x + 0.044715 x^3)
+        self.tanh = inner.tanh_()
+        return torch.addcmul(x, x, self.tanh).mul_(0.5)        # 0.5 x (1 + t)
 
     def backward(self, dout):
-        # d gelu/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t the tanh above
+        # d gelu/dx = 0.5 (1 + t) + (1 - t^2) * 0.5 sqrt(2/pi) x (1 + 3 * 0.044715 x^2), t the tanh above
         x, t = self.x, self.tanh
-        return (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * GELU_CUBIC * x * x)) * dout
+        slope = (x * x).mul_(3 * GELU_CUBIC).add_(1.0).mul_(x).mul_(0.5 * SQRT_2_OVER_PI)  # 0.5 x d(inner)/dx
+        sech2 = (t * t).neg_().add_(1.0)                                                # 1 - t^2
+        return (t + 1.0).mul_(0.5).addcmul_(sech2, slope).mul_(dout)
 
 
 class Dropout(Layer):
@@ -457,6 +462,12 @@ def softmax_backward(probs, dprobs):
     return probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))    # dS = P * (dP - sum_j dP_j P_j)
 
 
+@lru_cache(maxsize=16)
+def causal_mask(T, device, dtype):
+    """(T, T): 0 where a query may see a key (key <= query), -inf on the future; made once per length."""
+    return torch.full((T, T), float("-inf"), device=device, dtype=dtype).triu_(1)
+
+
 def merge_heads(t):
     """(B, n_head, T, head_size) -> (B, T, C): the heads side by side again."""
     B, n_head, T, head_size = t.shape
@@ -498,10 +509,9 @@ class CausalSelfAttention(Layer):
     def forward(self, x):
         self.q, self.k, self.v = (self.split_heads(t) for t in self.qkv.forward(x).chunk(3, dim=-1))  # (B, nh, T, hs)
         self.scale = self.q.shape[-1] ** -0.5                               # 1/sqrt(head_size)
-        scores = (self.q @ self.k.transpose(-2, -1)) * self.scale           # (B, nh, T, T)
-        T = x.shape[1]
-        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)    # (T, T) True where key > query
-        self.probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)   # (B, nh, T, T), 0 on the future
+        scores = (self.q @ self.k.transpose(-2, -1)).mul_(self.scale)       # (B, nh, T, T)
+        scores.add_(causal_mask(x.shape[1], x.device, x.dtype))             # -inf on the future
+        self.probs = torch.softmax(scores, dim=-1)                          # (B, nh, T, T), 0 on the future
         return self.proj.forward(merge_heads(self.probs @ self.v))         # (B, T, C)
 
     def backward(self, dout):

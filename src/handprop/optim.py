@@ -71,44 +71,50 @@ class SGD:
 
 
 class AdamW:
-    """Adam with decoupled weight decay (Loshchilov & Hutter 2019), bias-corrected moments."""
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019), bias-corrected moments.
+
+    The moments live in one flat buffer each, so a step is a handful of whole-buffer operations
+    instead of a dozen per parameter; self.m and self.v name views of them, one per parameter.
+    """
 
     def __init__(self, params, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, decayed=None):
         self.params, self.betas, self.eps, self.weight_decay = params, betas, eps, weight_decay
+        self.names = list(params)
         # names of the parameters weight decay shrinks; None: all of them (torch.optim.AdamW with one group)
-        self.decayed = [name for name in params if decayed is None or name in decayed]
-        self.m = {name: torch.zeros_like(p) for name, p in params.items()}   # first moment
-        self.v = {name: torch.zeros_like(p) for name, p in params.items()}   # second moment
+        self.decayed = [params[k] for k in self.names if decayed is None or k in decayed]
+        total = sum(p.numel() for p in params.values())
+        first = next(iter(params.values()))
+        self.flat_m, self.flat_v, self.flat_grad, self.flat_update = (
+            first.new_zeros(total) for _ in range(4))                       # (P,) each, every parameter end to end
+        self.m, self.v, self.update = self.views(self.flat_m), self.views(self.flat_v), self.views(self.flat_update)
         self.t = 0
 
+    def views(self, flat):
+        """{name: the slice of flat that belongs to that parameter, in its shape}."""
+        sizes = [self.params[k].numel() for k in self.names]
+        return {k: part.view(self.params[k].shape) for k, part in zip(self.names, flat.split(sizes), strict=True)}
+
     def step(self, grads, lr):
-        # the textbook update, one fused call per operation over all parameters (torch.optim's foreach path)
+        # torch.optim.AdamW's update (its single-tensor path), on the flat buffers
         self.t += 1
         b1, b2 = self.betas
-        names = list(self.params)
-        p, g = [self.params[k] for k in names], [grads[k] for k in names]
-        m, v = [self.m[k] for k in names], [self.v[k] for k in names]
-        torch._foreach_mul_(m, b1)
-        torch._foreach_add_(m, g, alpha=1 - b1)                 # m <- b1 m + (1 - b1) g
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, g, g, value=1 - b2)          # v <- b2 v + (1 - b2) g^2
-        m_hat = torch._foreach_div(m, 1 - b1**self.t)
-        v_hat = torch._foreach_div(v, 1 - b2**self.t)
+        g = torch.cat([grads[k].reshape(-1) for k in self.names], out=self.flat_grad)     # (P,)
+        self.flat_m.lerp_(g, 1 - b1)                                    # m <- b1 m + (1 - b1) g
+        self.flat_v.mul_(b2).addcmul_(g, g, value=1 - b2)               # v <- b2 v + (1 - b2) g^2
+        # update = lr m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
+        denom = torch.sqrt(self.flat_v, out=self.flat_update).div_(math.sqrt(1 - b2**self.t)).add_(self.eps)
+        torch.div(self.flat_m, denom, out=self.flat_update).mul_(lr / (1 - b1**self.t))
         if self.decayed and self.weight_decay:
-            # decay the weights themselves, not the gradient
-            torch._foreach_mul_([self.params[k] for k in self.decayed], 1 - lr * self.weight_decay)
-        torch._foreach_sqrt_(v_hat)
-        torch._foreach_add_(v_hat, self.eps)
-        torch._foreach_mul_(m_hat, lr)
-        torch._foreach_div_(m_hat, v_hat)
-        torch._foreach_sub_(p, m_hat)                           # p <- p - lr m_hat / (sqrt(v_hat) + eps)
+            torch._foreach_mul_(self.decayed, 1 - lr * self.weight_decay)   # decay the weights, not the gradient
+        params = [self.params[k] for k in self.names]
+        torch._foreach_sub_(params, [self.update[k] for k in self.names])  # p <- p - update
 
     def state_dict(self):
         tensors = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}
         return tensors, {"t": self.t}
 
     def load_state_dict(self, tensors, numbers):
-        for name in self.params:
+        for name in self.names:
             self.m[name].copy_(tensors[f"m.{name}"])
             self.v[name].copy_(tensors[f"v.{name}"])
         self.t = numbers["t"]
