@@ -136,7 +136,8 @@ def test_a_larger_max_steps_extends_a_finished_run(finished_300, tmp_path, capsy
     checkpoint = load_checkpoint(work_dir / "model.safetensors")
     assert checkpoint.step == 400 and checkpoint.finished and checkpoint.spec.train_config.max_steps == 400
     losses = checkpoint.losses
-    assert lines[6] == (f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f} | "
+    assert lines[6].startswith("wall time ") and lines[6].endswith(" for 100 steps")     # the steps this command ran
+    assert lines[7] == (f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f} | "
                         f"test loss {losses['test']:.4f}")
     readable = json.loads((work_dir / "config.json").read_text())
     assert readable["step"] == 400 and readable["finished"] and readable["losses"] == losses

@@ -327,9 +327,11 @@ def prepare(corpus, model_config, config, resume_from):
 def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
     """Train by hand-written backprop (from scratch or a checkpoint); save and return (model, losses)."""
     out = Log(out or sys.stdout)
+    started = time.perf_counter()
     with torch.inference_mode():            # no graph is ever recorded: every gradient is by hand
         # prepare: the data and the run, every input checked before the first file is written
         splits, run = prepare(corpus, model_config, config, resume_from)
+        first_step = run.step
         check_writable(work_dir)
         with claimed(work_dir, resume_from):    # held to the end: a second train on work_dir is refused
             sizes = " / ".join(f"{int((Y != IGNORED).sum())}" for _, Y in splits.tensors.values())
@@ -348,8 +350,15 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
             run_steps(run, splits, work_dir, out, diagnostics, val_loss)
             # finish: exact BatchNorm statistics, the losses on every split, the last save
             losses = finish(run, splits, work_dir, diagnostics, out)
+    out.write(wall_time(time.perf_counter() - started, run.step - first_step) + "\n")
     out.write(format_losses(losses) + "\n")
     return run.model, losses
+
+
+def wall_time(seconds, steps):
+    """E.g. 'wall time 18 min 7 s for 30000 steps', from the command's start: data, saves and evaluation too."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"wall time {f'{minutes} min {rest} s' if minutes else f'{seconds:.1f} s'} for {steps} steps"
 
 
 def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
