@@ -32,7 +32,7 @@ SPLIT_NAMES = ("train", "val", "test")
 IGNORED = -1                # target of a padding position in the sequence form: it has no loss
 FORMS = ("windows", "sequences")    # block_size characters of context -> the next one; whole items, padded
 NEWLINE = ord("\n")         # joins the items of a split before encoding; becomes the boundary token
-ENCODE_ITEMS = 1 << 20      # items encoded at a time: their 4-byte code points are the only large temporary
+ENCODE_ITEMS = 1 << 16      # items encoded at a time: their code points are the only temporaries
 
 
 def bundled_corpus_path():
@@ -137,9 +137,10 @@ class Vocab:
             raise UserError(f"characters not in the vocabulary: {''.join(unknown)!r} (known: {''.join(self.chars)!r})")
         return [stoi[c] for c in text]
 
-    def token_table(self):
-        """A numpy lookup table from code point to token id (newline -> 0, the boundary; -1: not in the vocabulary)."""
-        table = np.full(max(ord(self.chars[-1]) if self.chars else 0, NEWLINE) + 1, -1, dtype=np.int32)
+    def token_table(self, size):
+        """A numpy lookup table of size entries from code point to token id (newline -> 0, the boundary; -1: not in
+        the vocabulary); size must exceed every character's code point."""
+        table = np.full(size, -1, dtype=np.int16 if self.size <= 32768 else np.int32)
         table[[ord(c) for c in self.chars]] = np.arange(1, self.size, dtype=np.int32)
         table[NEWLINE] = 0
         return table
@@ -206,22 +207,32 @@ def token_dtype(vocab_size):
     return np.uint8 if vocab_size <= 256 else np.int16 if vocab_size <= 32768 else np.int32
 
 
+def code_points(text, narrow):
+    """text as a numpy array of code points: one byte each when narrow (latin-1), else four; None if text has a
+    character beyond latin-1 when narrow (it cannot be in a narrow vocabulary)."""
+    try:
+        return np.frombuffer(text.encode("latin-1" if narrow else "utf-32-le"), dtype=np.uint8 if narrow else "<u4")
+    except UnicodeEncodeError:
+        return None
+
+
 def encode_stream(items, vocab):
     """The items as one stream of token ids, (sum n + N + 1,) = [0, c1..cn, 0, c1..cm, ..., 0], and the positions
     of its boundaries (N + 1,); vectorised: each block of items is joined, read as code points, mapped by a table."""
-    lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))      # (N,)
-    bounds = np.zeros(len(items) + 1, dtype=np.int64)                           # (N + 1,) every boundary 0
-    np.cumsum(lengths + 1, out=bounds[1:])
-    stream = np.zeros(int(bounds[-1]) + 1, dtype=token_dtype(vocab.size))
-    table = vocab.token_table()
+    narrow = all(ord(c) < 256 for c in vocab.chars)     # the usual case: a byte a character read, not four
+    table = vocab.token_table(256 if narrow else sys.maxunicode + 1)     # every code point text can hold
+    stream = np.zeros(sum(map(len, items)) + len(items) + 1, dtype=token_dtype(vocab.size))
+    bounds = np.zeros(len(items) + 1, dtype=np.int64)
+    at = 1                                  # stream[0] is the first item's boundary
     for first in range(0, len(items), ENCODE_ITEMS):
-        block = items[first : first + ENCODE_ITEMS]
-        points = np.frombuffer("\n".join(block).encode("utf-32-le"), dtype="<u4")   # newline between items
-        ids = table[np.minimum(points, len(table) - 1)]                          # beyond the table: unknown below
-        if (ids < 0).any() or (points >= len(table)).any():
-            vocab.encode("".join(block))                                        # the UserError naming them
-        start = int(bounds[first]) + 1
-        stream[start : start + len(ids)] = ids
+        text = "\n".join(items[first : first + ENCODE_ITEMS]) + "\n"     # each newline becomes the next boundary
+        points = code_points(text, narrow)
+        ids = None if points is None else table[points]
+        if ids is None or (ids < 0).any():
+            vocab.encode(text.replace("\n", ""))                            # the UserError naming them
+        stream[at : at + len(ids)] = ids
+        bounds[first + 1 : first + 1 + ENCODE_ITEMS] = np.flatnonzero(ids == 0) + at
+        at += len(ids)
     return torch.from_numpy(stream), torch.from_numpy(bounds)
 
 
