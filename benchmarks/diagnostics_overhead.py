@@ -68,7 +68,7 @@ def start(kind, corpus, model_config, config, every):
     splits, run = prepare(corpus, model_config, config, None)
 
     def val_loss():
-        return split_loss(run.model, *splits.tensors["val"])
+        return split_loss(run.model, splits.tensors["val"])
 
     if kind == "baseline":
         run.model = PlainSequential(run.model.layers)

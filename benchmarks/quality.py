@@ -140,7 +140,7 @@ def main():
         trained = time.perf_counter()
         with torch.inference_mode():
             if any(isinstance(layer, BatchNorm1d) for layer in run.model.layers):   # as train.finish
-                recalibrate_batchnorm(run.model, splits.tensors["train"][0])
+                recalibrate_batchnorm(run.model, splits.tensors["train"])
             results[name] = evaluate(run.model, splits)
         print(f"{name:12s} " + "  ".join(f"{k} {v:.4f}" for k, v in results[name].items())
               + f"  (training {trained - start:.0f} s, evaluation {time.perf_counter() - trained:.0f} s)")

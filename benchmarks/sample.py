@@ -1,23 +1,32 @@
-"""Sampling speed: the key/value cache (or carried hidden state) against recomputing the whole prefix, same run.
+"""Sampling speed: the batched sampler against a one-at-a-time loop, and the KV cache against recomputing, same run.
 
-A model trained for `--train-steps` steps with its recipe (or the run in `-o DIR`) samples
-`--num` names at once with sample.generate_sequences, once with cached=True (each new
-character costs one position: a transformer's keys and values, a recurrent layer's hidden
-state are kept) and once with cached=False (the whole prefix goes through the model again
-for every character). The two take turns with generators seeded alike, `--repeats` times,
-each keeping its best turn; prints names/s of each and their ratio, and how many of the
-names came out identical.
+(a) The default model (`mlp`, trained `--mlp-steps` steps, or the window-model run in `--mlp-dir`):
+`--num` names at once with sample.generate (a chunk of the streamed sampler: the folded forward,
+finished rows leaving the batch, inverse-CDF draws), against the lecture's loop that samples one
+name at a time through model.forward with torch.multinomial (`--loop-num` names, the rate is what
+is compared). The two take turns, `--repeats` times, each keeping its best turn.
 
-Then the proof that the cache computes the same thing: the cached names are fed back, and
-at every position the logits of model.step (one position at a time, from the cache) are
-compared with the full forward's; the largest difference must be at most 1e-5 (exit status
-1 otherwise).
+(b) Each sequence model of `--model` (trained `--train-steps` steps with its recipe, or the run in
+`-o DIR`): `--num` names at once with sample.generate_sequences, cached=True (each new character
+costs one position: a transformer's keys and values, a recurrent layer's hidden state are kept)
+against cached=False (the whole prefix goes through the model again for every character), taking
+turns with generators seeded alike. Then the proof that the cache computes the same thing: the
+cached names are fed back and at every position the logits of model.step are compared with the
+full forward's; the largest difference must be at most 1e-5 (exit status 1 otherwise).
 
-    python benchmarks/sample.py [--model transformer gru] [--num 10000] [--threads 1] [-o DIR]
+(c) With `--million`: `handprop sample -n 1000000` of the model of (a) as a subprocess, its wall
+time and peak resident memory (the chunks are streamed, so memory stays flat).
+
+Threads: torch.set_num_threads(`--threads`, default 1), deliberately: one core is the honest unit
+on a shared machine, and the batched sampler's work is small matrices that gain little from more.
+
+    python benchmarks/sample.py [--model transformer] [--num 10000] [--threads 1] [--million] [-o DIR]
 """
 
 import argparse
 import io
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,20 +41,67 @@ from handprop.data import load_corpus
 from handprop.errors import UserError
 from handprop.layers import eval_mode
 from handprop.models import describe, preset, recipe
-from handprop.sample import generate_sequences, positions_left
+from handprop.sample import generate, generate_sequences, sample_length
 from handprop.train import train
 
 LOGIT_TOLERANCE = 1e-5      # max |cached - recomputed| logit, float32
 
 
-def trained(name, steps):
-    """A checkpoint of model name trained for steps steps with its recipe, in a temporary directory."""
+def trained(name, steps, work_dir):
+    """A checkpoint of model name trained for steps steps with its recipe, saved in work_dir."""
     config = replace(recipe(name), max_steps=steps, save_every=steps, log_every=steps)
     if config.schedule == "cosine" and config.warmup >= steps:     # a short run keeps a tenth of it for warmup
         config = replace(config, warmup=steps // 10)
-    with tempfile.TemporaryDirectory() as work_dir:
-        train(load_corpus(), preset(name), config, work_dir, out=io.StringIO())
-        return load_checkpoint(Path(work_dir) / LATEST)
+    train(load_corpus(), preset(name), config, work_dir, out=io.StringIO())
+    return load_checkpoint(Path(work_dir) / LATEST)
+
+
+def heading(checkpoint, what):
+    spec = checkpoint.spec
+    losses = f", val loss {checkpoint.losses['val']:.4f}" if checkpoint.losses else ""
+    print(f"\n{what}: {describe(spec.model_config)}, step {checkpoint.step}{losses}")
+
+
+@torch.inference_mode()
+def one_at_a_time(model, vocab, block_size, num, generator, max_length):
+    """The lecture's sampling loop: one name at a time, a Python list as context, model.forward and multinomial."""
+    names = []
+    with eval_mode(model):
+        for _ in range(num):
+            context, out = [0] * block_size, []
+            while len(out) < max_length:
+                probs = torch.softmax(model.forward(torch.tensor([context])), dim=1)     # (1, V)
+                ix = torch.multinomial(probs, 1, generator=generator).item()
+                if ix == 0:
+                    break
+                out.append(ix)
+                context = context[1:] + [ix]
+            names.append(vocab.decode(out))
+    return names
+
+
+def window_bench(checkpoint, num, loop_num, repeats):
+    """(a): names/s batched and one at a time, taking turns; prints both, their ratio and the mean lengths."""
+    spec, model = checkpoint.spec, checkpoint.model
+    max_length, block_size = sample_length(spec, None, ""), spec.model_config.block_size
+    heading(checkpoint, "(a) batched against one at a time")
+    print(f"{num} names at once against a loop of {loop_num} names one by one, at most {max_length} characters, "
+          f"best of {repeats} turns")
+    rates, lengths = {"batched": [], "one at a time": []}, {}
+    for turn in range(repeats):
+        for name, count in (("batched", num), ("one at a time", loop_num)):
+            generator = torch.Generator().manual_seed(turn)
+            start = time.perf_counter()
+            if name == "batched":
+                names = generate(model, spec.vocab, block_size, count, generator, max_length)
+            else:
+                names = one_at_a_time(model, spec.vocab, block_size, count, generator, max_length)
+            rates[name].append(count / (time.perf_counter() - start))
+            lengths[name] = sum(map(len, names)) / count
+    batched, loop = max(rates["batched"]), max(rates["one at a time"])
+    print(f"batched:        {batched:9.0f} names/s (mean length {lengths['batched']:.2f})")
+    print(f"one at a time:  {loop:9.0f} names/s (mean length {lengths['one at a time']:.2f})")
+    print(f"ratio batched/one at a time: {batched / loop:.1f}x")
 
 
 def names_per_second(model, vocab, num, max_length, repeats):
@@ -81,19 +137,17 @@ def cache_differences(model, X):
     return worst
 
 
-def bench(checkpoint, num, repeats):
-    """Prints names/s cached and recomputed and the cache's largest logit difference; returns whether it is within."""
+def cache_bench(checkpoint, num, repeats):
+    """(b): names/s cached and recomputed and the cache's largest logit difference; returns whether it is within."""
     spec, model = checkpoint.spec, checkpoint.model
-    limit = positions_left(spec, "")
-    max_length = 2 * spec.longest_item if limit is None else min(2 * spec.longest_item, limit)  # sample's default
-    print(f"model {describe(spec.model_config)}, step {checkpoint.step}"
-          + (f", val loss {checkpoint.losses['val']:.4f}" if checkpoint.losses else "")
-          + f"; {num} names at once, at most {max_length} characters, best of {repeats} turns")
+    max_length = sample_length(spec, None, "")
+    heading(checkpoint, "(b) cached against recomputed")
+    print(f"{num} names at once, at most {max_length} characters, best of {repeats} turns")
     results = names_per_second(model, spec.vocab, num, max_length, repeats)
     (cached, names), (recomputed, again) = results[True], results[False]
     print(f"cached (step):           {cached:8.0f} names/s")
     print(f"recomputed (forward):    {recomputed:8.0f} names/s")
-    print(f"ratio cached/recomputed: {cached / recomputed:.2f}; identical names: "
+    print(f"ratio cached/recomputed: {cached / recomputed:.1f}x; identical names: "
           f"{sum(a == b for a, b in zip(names, again, strict=True))} of {num}")
     worst = cache_differences(model, encode_rows(names, spec.vocab, 1 + max_length))
     largest = max(worst)
@@ -104,30 +158,61 @@ def bench(checkpoint, num, repeats):
     return ok
 
 
+# runs the command, then reports the process's own peak resident memory (VmHWM, which exec resets: a child's
+# getrusage maxrss would start from the parent's size at the fork)
+PEAK = ("import re, sys; from handprop.cli import main; status = main(sys.argv[1:]); sys.stdout.flush(); "
+        "sys.stderr.write(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]); sys.exit(status)")
+
+
+def million(work_dir, threads):
+    """(c): `handprop sample -n 1000000` in a subprocess: wall time and its peak resident memory."""
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", PEAK, "sample", "-n", "1000000", "--seed", "1", "-o",
+                             str(work_dir)], capture_output=True, env=env, check=True)
+    seconds = time.perf_counter() - start
+    print(f"\n(c) handprop sample -n 1000000: {len(result.stdout.splitlines())} lines in {seconds:.1f} s "
+          f"(python and torch start-up included), peak resident memory {int(result.stderr) / 1024:.0f} MB")
+
+
+def load_run(path, form):
+    """The checkpoint saved in path, which must hold a model of form; a problem exits with one line."""
+    try:
+        checkpoint = load_checkpoint(Path(path) / LATEST)
+    except UserError as e:
+        sys.exit(f"sample.py: error: {e}")
+    if checkpoint.spec.model_config.form != form:
+        sys.exit(f"sample.py: error: {path} holds a {checkpoint.spec.model_config.kind} model, not one of {form}")
+    return checkpoint
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", nargs="+", default=["transformer", "gru"], choices=SEQUENCE_KINDS,
-                   help="models to train and sample (ignored with -o)")
-    p.add_argument("-o", "--work-dir", default=None, help="sample the run saved here instead of training one")
-    p.add_argument("--train-steps", type=int, default=300, help="steps to train each model first (default 300)")
+    p.add_argument("--model", nargs="*", default=["transformer"], choices=SEQUENCE_KINDS,
+                   help="sequence models for (b), each trained first (ignored with -o; none: skip (b))")
+    p.add_argument("-o", "--work-dir", default=None, help="(b) samples the sequence-model run saved here")
+    p.add_argument("--mlp-dir", default=None, help="(a) samples the window-model run saved here")
+    p.add_argument("--mlp-steps", type=int, default=3000, help="steps to train the default mlp for (a)")
+    p.add_argument("--train-steps", type=int, default=300, help="steps to train each model of (b) (default 300)")
     p.add_argument("--num", type=int, default=10_000, help="names sampled at once (default 10000)")
+    p.add_argument("--loop-num", type=int, default=500, help="names the one-at-a-time loop samples per turn")
     p.add_argument("--repeats", type=int, default=3, help="turns each; the best one counts")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--million", action="store_true", help="(c) also time `handprop sample -n 1000000`")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"{torch.get_num_threads()} threads")
-    if args.work_dir:
-        try:
-            checkpoints = [load_checkpoint(Path(args.work_dir) / LATEST)]
-        except UserError as e:
-            sys.exit(f"sample.py: error: {e}")
-        if checkpoints[0].spec.model_config.form != "sequences":
-            sys.exit(f"sample.py: error: {args.work_dir} holds a window model "
-                     f"({checkpoints[0].spec.model_config.kind}): it has no cache to compare")
-    else:
-        checkpoints = (trained(name, args.train_steps) for name in args.model)   # each trained when its turn comes
-    ok = [bench(checkpoint, args.num, args.repeats) for checkpoint in checkpoints]
+    torch.set_num_threads(args.threads)
+    print(f"torch.set_num_threads({args.threads})")
+    with tempfile.TemporaryDirectory() as scratch:
+        mlp_dir = args.mlp_dir or Path(scratch) / "mlp"
+        mlp = load_run(args.mlp_dir, "windows") if args.mlp_dir else trained("mlp", args.mlp_steps, mlp_dir)
+        window_bench(mlp, args.num, args.loop_num, args.repeats)
+        if args.work_dir:
+            checkpoints = [load_run(args.work_dir, "sequences")]
+        else:       # each trained when its turn comes
+            checkpoints = (trained(name, args.train_steps, Path(scratch) / name) for name in args.model)
+        ok = [cache_bench(checkpoint, args.num, args.repeats) for checkpoint in checkpoints]
+        if args.million:
+            million(mlp_dir, args.threads)
     sys.exit(0 if all(ok) else 1)
 
 

@@ -164,3 +164,48 @@ def test_sample_batch_draws_paired_rows_as_the_lectures_do(form, block_size):
     ix = torch.randint(0, X.shape[0], (64,), generator=torch.Generator().manual_seed(1))   # the lectures' draw
     assert torch.equal(Xb, X[ix]) and torch.equal(Yb, Y[ix])      # each input row with its own targets
     assert Xb.shape[0] == Yb.shape[0] == 64 and Xb.shape[1:] == X.shape[1:] and Yb.shape[1:] == Y.shape[1:]
+
+
+ITEMS = ["anna", "zoë", "b", "日本", "carl", "ë", "emma", "bob"]     # characters beyond one byte of UTF-8 too
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 8, 20])
+def test_the_token_stream_gives_exactly_the_listed_windows_and_sequences(block_size):
+    vocab = Vocab.from_items(ITEMS)
+    splits = make_splits(Corpus(ITEMS, 0, "", ""), block_size, seed=7)
+    for items, examples in zip((splits.train_items, splits.val_items, splits.test_items), splits.tensors.values(),
+                               strict=True):
+        X, Y = build_examples(items, vocab, block_size)
+        assert len(examples) == X.shape[0] == examples.scored()
+        assert all(torch.equal(a, b) for a, b in zip(examples, (X, Y), strict=True))
+        ix = torch.randint(0, len(examples), (50,), generator=torch.Generator().manual_seed(1))
+        assert all(torch.equal(a, b) for a, b in zip(examples.batch(ix), (X[ix], Y[ix]), strict=True))
+    sequences = make_splits(Corpus(ITEMS, 0, "", ""), None, seed=7, form="sequences")
+    for items, examples in zip((sequences.train_items, sequences.val_items, sequences.test_items),
+                               sequences.tensors.values(), strict=True):
+        X, Y = build_sequences(items, vocab, 5)                 # the longest item, zoë or carl, + 1
+        assert all(torch.equal(a, b) for a, b in zip(examples, (X, Y), strict=True))
+        assert examples.scored() == int((Y != -1).sum())
+
+
+def test_the_stream_is_a_byte_a_character_whatever_the_block_size():
+    sizes = {}
+    for block_size in (3, 8, 64):
+        train = make_splits(load_corpus(), block_size).tensors["train"]
+        sizes[block_size] = train.stream.numel() * train.stream.element_size() + train.bounds.numel() * 8
+        assert train.stream.dtype == torch.uint8
+    assert sizes[3] == sizes[8] == sizes[64] == (182625 + 1) + (25626 + 1) * 8
+
+
+def test_a_seeded_batch_draws_the_rows_sample_batch_draws():
+    train = make_splits(load_corpus(), 8).tensors["train"]
+    X, Y = train
+    for seed in (0, 1):
+        drawn = train.sample(64, torch.Generator().manual_seed(seed))
+        assert all(torch.equal(a, b) for a, b in zip(drawn, sample_batch(X, Y, 64, torch.Generator().manual_seed(seed)),
+                                                     strict=True))
+
+
+def test_encoding_with_a_vocabulary_that_lacks_a_character_names_it():
+    with pytest.raises(UserError, match="'日'"):
+        make_splits(Corpus(ITEMS, 0, "", ""), 3, vocab=Vocab.from_items([i for i in ITEMS if i != "日本"] + ["本"]))

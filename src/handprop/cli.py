@@ -27,7 +27,7 @@ from .gradcheck import check_layers
 from .grade import grade_script
 from .models import PRESETS, preset, recipe
 from .ninja import check_report
-from .sample import sample_items
+from .sample import Sampling, stream_samples
 from .train import Interrupted, check_work_dir, evaluate, format_losses, make_run_splits, train
 
 
@@ -133,6 +133,12 @@ def build_parser():
     s.add_argument("--max-length", type=bounded(int, 1, 10**4), default=None, metavar="N",
                    help="characters at most in a sample, the prefix included (default: the prefix plus twice the "
                         "longest training item; 1 to 10,000)")
+    s.add_argument("--temperature", type=bounded(float, 0.01, 100.0), default=1.0, metavar="X",
+                   help="divides the logits: below 1 sharper and nearer the most likely character, above 1 more "
+                        "random (default 1; 0.01 to 100)")
+    s.add_argument("--top-k", type=bounded(int, 1, 10**6), default=None, metavar="N",
+                   help="draw only among the k most likely characters, k at most the vocabulary's size; 1 is "
+                        "greedy (default: all; 1 to 1,000,000)")
     add_best(s)
     add_device(s)
     s.set_defaults(run=run_sample)
@@ -259,9 +265,11 @@ def run_sample(args):
     checkpoint = chosen_checkpoint(args)
     generator = torch.Generator(device=args.device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
-    names = sample_items(checkpoint.model, checkpoint.spec, args.num_samples, generator, args.max_length,
-                         args.prefix)
-    sys.stdout.write("".join(name + "\n" for name in names))
+    sampling = Sampling(args.temperature, args.top_k)
+    for lines in stream_samples(checkpoint.model, checkpoint.spec, args.num_samples, generator, args.max_length,
+                                args.prefix, sampling):
+        sys.stdout.write(lines)             # each chunk as soon as it is drawn: memory stays flat for any -n
+        sys.stdout.flush()
 
 
 def trained_corpus(spec, input_file):

@@ -1,4 +1,10 @@
-"""Corpus loading and validation, the vocabulary, the lectures' seeded split, windows and sequences, batches."""
+"""Corpus loading and validation, the vocabulary, the lectures' seeded split, windows and sequences, batches.
+
+Each split is held as one stream of token ids (Examples): every item as [boundary, c1..cn], then a
+last boundary, one byte a character when the vocabulary fits. Windows and sequences are gathered
+from it per batch, so memory does not grow with the block size; build_examples and build_sequences
+are the plain list-building reference the streams are tested against.
+"""
 
 import hashlib
 import os
@@ -11,6 +17,7 @@ from importlib import resources
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -24,6 +31,8 @@ SPLIT_SEED = 42             # the lectures' random.seed(42) before shuffling the
 SPLIT_NAMES = ("train", "val", "test")
 IGNORED = -1                # target of a padding position in the sequence form: it has no loss
 FORMS = ("windows", "sequences")    # block_size characters of context -> the next one; whole items, padded
+NEWLINE = ord("\n")         # joins the items of a split before encoding; becomes the boundary token
+ENCODE_ITEMS = 1 << 16      # items encoded at a time: their code points are the only temporaries
 
 
 def bundled_corpus_path():
@@ -93,13 +102,13 @@ def load_corpus(path=None):
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if lines and lines[-1] == "":
         lines.pop()                         # a trailing newline does not make a blank item
-    stripped = [line.strip() for line in lines]     # as makemore: " carl" would sample invisible spaces
-    items = [item for item in stripped if item]
+    stripped = list(map(str.strip, lines))     # as makemore: " carl" would sample invisible spaces
+    items = list(filter(None, stripped))
     if not items:
         raise UserError(f"{name} is empty: it has no non-blank lines")
-    for number, item in enumerate(stripped, 1):
-        if len(item) > MAX_ITEM_LENGTH:
-            raise UserError(f"{name} line {number} has {len(item)} characters; items are limited to {MAX_ITEM_LENGTH}")
+    if max(map(len, items)) > MAX_ITEM_LENGTH:  # map and filter keep the per-line work in C: 200 MB in seconds
+        number, item = next((n, item) for n, item in enumerate(stripped, 1) if len(item) > MAX_ITEM_LENGTH)
+        raise UserError(f"{name} line {number} has {len(item)} characters; items are limited to {MAX_ITEM_LENGTH}")
     return Corpus(items, len(lines) - len(items), hashlib.sha256(raw).hexdigest(), resolved, rereadable)
 
 
@@ -127,6 +136,14 @@ class Vocab:
         if unknown:
             raise UserError(f"characters not in the vocabulary: {''.join(unknown)!r} (known: {''.join(self.chars)!r})")
         return [stoi[c] for c in text]
+
+    def token_table(self, size):
+        """A numpy lookup table of size entries from code point to token id (newline -> 0, the boundary; -1: not in
+        the vocabulary); size must exceed every character's code point."""
+        table = np.full(size, -1, dtype=np.int16 if self.size <= 32768 else np.int32)
+        table[[ord(c) for c in self.chars]] = np.arange(1, self.size, dtype=np.int32)
+        table[NEWLINE] = 0
+        return table
 
     def decode(self, indices):
         """Indices (no boundary tokens) back to text."""
@@ -185,6 +202,92 @@ def build_sequences(items, vocab, length):
     return X, Y
 
 
+def token_dtype(vocab_size):
+    """The smallest integer type that holds every token id: one byte for a names-sized vocabulary."""
+    return np.uint8 if vocab_size <= 256 else np.int16 if vocab_size <= 32768 else np.int32
+
+
+def code_points(text, narrow):
+    """text as a numpy array of code points: one byte each when narrow (latin-1), else four; None if text has a
+    character beyond latin-1 when narrow (it cannot be in a narrow vocabulary)."""
+    try:
+        return np.frombuffer(text.encode("latin-1" if narrow else "utf-32-le"), dtype=np.uint8 if narrow else "<u4")
+    except UnicodeEncodeError:
+        return None
+
+
+def encode_stream(items, vocab):
+    """The items as one stream of token ids, (sum n + N + 1,) = [0, c1..cn, 0, c1..cm, ..., 0], and the positions
+    of its boundaries (N + 1,); vectorised: each block of items is joined, read as code points, mapped by a table."""
+    narrow = all(ord(c) < 256 for c in vocab.chars)     # the usual case: a byte a character read, not four
+    table = vocab.token_table(256 if narrow else sys.maxunicode + 1)     # every code point text can hold
+    stream = np.zeros(sum(map(len, items)) + len(items) + 1, dtype=token_dtype(vocab.size))
+    bounds = np.zeros(len(items) + 1, dtype=np.int64)
+    at = 1                                  # stream[0] is the first item's boundary
+    for first in range(0, len(items), ENCODE_ITEMS):
+        text = "\n".join(items[first : first + ENCODE_ITEMS]) + "\n"     # each newline becomes the next boundary
+        points = code_points(text, narrow)
+        ids = None if points is None else table[points]
+        if ids is None or (ids < 0).any():
+            vocab.encode(text.replace("\n", ""))                            # the UserError naming them
+        stream[at : at + len(ids)] = ids
+        bounds[first + 1 : first + 1 + ENCODE_ITEMS] = np.flatnonzero(ids == 0) + at
+        at += len(ids)
+    return torch.from_numpy(stream), torch.from_numpy(bounds)
+
+
+@dataclass
+class Examples:
+    """One split's examples gathered from its token stream: windows (context -> next) or whole-item sequences.
+
+    Window k's target is stream[k + 1] and its context the block_size tokens before it, zeroed before the
+    item's boundary; sequence i is its item from the boundary at bounds[i], padded. The rows and their order
+    are exactly build_examples' and build_sequences', so a seeded batch draws the same examples.
+    """
+
+    stream: torch.Tensor    # (S,) uint8, int16 or int32 token ids: [0, item, 0, item, ..., 0]
+    bounds: torch.Tensor    # (N + 1,) int64 positions of the boundaries in stream
+    form: str               # one of FORMS
+    width: int              # windows: block_size; sequences: positions per row (the longest item + 1 at least)
+
+    def __len__(self):
+        return self.stream.shape[0] - 1 if self.form == "windows" else self.bounds.shape[0] - 1
+
+    def batch(self, ix):
+        """The rows ix (B,): windows X (B, block_size), Y (B,); sequences X (B, T), Y (B, T), -1 on padding."""
+        offsets = torch.arange(self.width, device=ix.device)                   # (width,)
+        last = self.stream.shape[0] - 1
+        if self.form == "windows":
+            X = self.stream[(ix[:, None] + (1 - self.width) + offsets).clamp_(0, last)].long()   # (B, block_size)
+            boundaries = (X == 0).flip(1).cumsum(1).flip(1)                     # zeros at or after each position
+            X *= boundaries == (X == 0).long()      # keep only what follows the last boundary: the item's own
+            return X, self.stream[ix + 1].long()
+        starts = self.bounds[ix]                                                # (B,)
+        lengths = self.bounds[ix + 1] - starts - 1                              # (B,) characters
+        X = self.stream[(starts[:, None] + offsets).clamp_(max=last)].long()    # (B, T)
+        Y = self.stream[(starts[:, None] + 1 + offsets).clamp_(max=last)].long()
+        past = offsets > lengths[:, None]                                       # (B, T) after the end token
+        return X.masked_fill_(past, 0), Y.masked_fill_(past, IGNORED)
+
+    def sample(self, batch_size, generator):
+        """A minibatch drawn uniformly with replacement: the same draws, and rows, as sample_batch on the tensors."""
+        ix = torch.randint(0, len(self), (batch_size,), generator=generator)
+        return self.batch(ix.to(self.stream.device))
+
+    def chunks(self, rows):
+        """(X, Y) for consecutive runs of rows examples, in order: evaluation without holding the whole split."""
+        for first in range(0, len(self), rows):
+            yield self.batch(torch.arange(first, min(first + rows, len(self)), device=self.stream.device))
+
+    def scored(self):
+        """How many positions the loss counts: every window; each sequence's characters and its end token."""
+        return len(self) if self.form == "windows" else int(self.bounds[-1] - self.bounds[0])
+
+    def __iter__(self):
+        """X, Y = examples: every row at once, as tensors (for small corpora, tests and benchmarks)."""
+        return iter(self.batch(torch.arange(len(self), device=self.stream.device)))
+
+
 @dataclass
 class Splits:
     """The three splits of a corpus as example tensors, plus what defines them."""
@@ -193,7 +296,7 @@ class Splits:
     train_items: list
     val_items: list
     test_items: list
-    tensors: dict           # split name -> windows: (X (N, block_size), Y (N,)); sequences: (X (N, T), Y (N, T))
+    tensors: dict           # split name -> its Examples (X, Y = examples gives every row at once)
     form: str = "windows"   # one of FORMS
 
     def signature(self):
@@ -205,7 +308,7 @@ class Splits:
 
 
 def make_splits(corpus, block_size, seed=SPLIT_SEED, vocab=None, device="cpu", form="windows"):
-    """Vocabulary (from the corpus unless given), split, and example tensors on device, in the given form.
+    """Vocabulary (from the corpus unless given), split, and each split's Examples on device, in the given form.
 
     windows: block_size characters of context -> the next character. sequences: each item whole, padded to
     block_size positions (None: the longest item + 1, the same for every split).
@@ -218,11 +321,10 @@ def make_splits(corpus, block_size, seed=SPLIT_SEED, vocab=None, device="cpu", f
         longest = max(len(item) for item in corpus.items)
         block_size = longest + 1 if block_size is None else block_size
         check_sequence_length(longest, block_size)
-    build = build_examples if form == "windows" else build_sequences
     tensors = {}
     for name, items in (("train", train), ("val", val), ("test", test)):
-        X, Y = build(items, vocab, block_size)
-        tensors[name] = (X.to(device), Y.to(device))
+        stream, bounds = encode_stream(items, vocab)
+        tensors[name] = Examples(stream.to(device), bounds.to(device), form, block_size)
     return Splits(vocab, train, val, test, tensors, form)
 
 

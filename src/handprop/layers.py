@@ -476,16 +476,31 @@ def merge_heads(t):
 
 @dataclass
 class KVCache:
-    """The keys and values of every position seen so far, (B, n_head, t, head_size) each, for step()."""
+    """The keys and values of every position seen so far, for step(): buffers (B, n_head, room, head_size) each,
+    filled up to position t and grown by doubling, so a new position is one write, not a copy of the whole past."""
 
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    t: int = 0              # positions held
+    ROOM = 32               # positions allocated at first (a names transformer never needs more)
 
     def append(self, k, v):
-        """Add one position's keys and values (B, n_head, 1, head_size); return all of them."""
-        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=2)
-        self.values = v if self.values is None else torch.cat([self.values, v], dim=2)
-        return self.keys, self.values
+        """Add one position's keys and values (B, n_head, 1, head_size); return all of them, (B, n_head, t, hs)."""
+        if self.keys is None or self.t == self.keys.shape[2]:
+            self.keys, self.values = (self.grown(old, new) for old, new in ((self.keys, k), (self.values, v)))
+        self.keys[:, :, self.t] = k[:, :, 0]
+        self.values[:, :, self.t] = v[:, :, 0]
+        self.t += 1
+        return self.keys[:, :, : self.t], self.values[:, :, : self.t]
+
+    def grown(self, old, new):
+        """A buffer with twice the room (ROOM at first) holding old's first t positions; new gives shape and type."""
+        B, n_head, _, head_size = new.shape
+        room = self.ROOM if old is None else 2 * old.shape[2]
+        buffer = new.new_empty(B, n_head, room, head_size)
+        if old is not None:
+            buffer[:, :, : self.t] = old[:, :, : self.t]
+        return buffer
 
 
 class CausalSelfAttention(Layer):

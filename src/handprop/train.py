@@ -24,7 +24,7 @@ from .checkpoint import (
     save_checkpoint,
     write_readable_config,
 )
-from .data import IGNORED, SPLIT_NAMES, check_sequence_length, make_splits, sample_batch
+from .data import IGNORED, SPLIT_NAMES, check_sequence_length, make_splits
 from .diagnostics import start_diagnostics
 from .errors import UserError
 from .layers import BatchNorm1d, Dropout, eval_mode, walk
@@ -40,14 +40,13 @@ def loss_for(form):
     return CrossEntropy() if form == "windows" else SequenceCrossEntropy()
 
 
-def split_loss(model, X, Y):
-    """Mean cross-entropy over every scored position of a whole split, in chunks, in evaluation mode."""
-    criterion = loss_for("windows" if Y.ndim == 1 else "sequences")
+def split_loss(model, examples):
+    """Mean cross-entropy over every scored position of a whole split (data.Examples), in chunks, in evaluation mode."""
+    criterion = loss_for(examples.form)
     total, count = 0.0, 0
-    chunk = max(1, EVAL_CHUNK // Y[0].numel())     # about EVAL_CHUNK positions a pass (a window has one)
+    chunk = EVAL_CHUNK if examples.form == "windows" else max(1, EVAL_CHUNK // examples.width)  # positions a pass
     with eval_mode(model):
-        for i in range(0, X.shape[0], chunk):
-            Xc, Yc = X[i : i + chunk], Y[i : i + chunk]
+        for Xc, Yc in examples.chunks(chunk):
             scored = int((Yc != IGNORED).sum())     # every window; the unpadded positions of sequences
             total += criterion.forward(model.forward(Xc), Yc).item() * scored
             count += scored
@@ -66,11 +65,11 @@ def make_run_splits(corpus, model_config, vocab=None, device="cpu"):
 
 def evaluate(model, splits):
     """{'train': loss, 'val': loss, 'test': loss} on the full splits."""
-    return {name: split_loss(model, *splits.tensors[name]) for name in SPLIT_NAMES}
+    return {name: split_loss(model, splits.tensors[name]) for name in SPLIT_NAMES}
 
 
-def recalibrate_batchnorm(model, X):
-    """Set every BatchNorm's running mean and (n-1) variance to exact statistics over X.
+def recalibrate_batchnorm(model, examples):
+    """Set every BatchNorm's running mean and (n-1) variance to exact statistics over the inputs of examples.
 
     As at the end of the lecture's exercise 4: the momentum estimates lag the weights, so
     after training each BatchNorm is re-estimated in order, the earlier ones already fixed.
@@ -80,8 +79,7 @@ def recalibrate_batchnorm(model, X):
             if not isinstance(layer, BatchNorm1d):
                 continue
             n, total, total_sq = 0, 0.0, 0.0
-            for i in range(0, X.shape[0], EVAL_CHUNK):
-                h = X[i : i + EVAL_CHUNK]
+            for h, _ in examples.chunks(EVAL_CHUNK):
                 for earlier in model.layers[:k]:
                     h = earlier.forward(h)
                 h = h.reshape(-1, h.shape[-1]).double()            # (N, C), float64 sums
@@ -318,7 +316,7 @@ def prepare(corpus, model_config, config, resume_from):
         return splits, resumed_run(resume_from, config)
     model_config = replace(model_config, vocab_size=splits.vocab.size)
     if model_config.block_size == 0:        # a sequence model: as many positions as the longest item needs
-        model_config = replace(model_config, block_size=splits.tensors["train"][0].shape[1])
+        model_config = replace(model_config, block_size=splits.tensors["train"].width)
     spec = RunSpec(model_config, config, splits.vocab, corpus.info(), splits.signature(),
                    max(len(item) for item in corpus.items))
     return splits, new_run(spec)
@@ -334,14 +332,14 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
         first_step = run.step
         check_writable(work_dir)
         with claimed(work_dir, resume_from):    # held to the end: a second train on work_dir is refused
-            sizes = " / ".join(f"{int((Y != IGNORED).sum())}" for _, Y in splits.tensors.values())
+            sizes = " / ".join(f"{examples.scored()}" for examples in splits.tensors.values())
             out.write(f"{corpus.describe()}, vocabulary {splits.vocab.size}, characters to predict "
                       f"train/val/test {sizes}\n")
             out.write(f"model {describe(run.spec.model_config)}: {count_parameters(run.model)} parameters"
                       + (f", resuming at step {run.step}" if resume_from else "") + "\n")
 
             def val_loss():
-                return split_loss(run.model, *splits.tensors["val"])
+                return split_loss(run.model, splits.tensors["val"])
 
             diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss)
             if run.saved_step is None:      # from step 0 on there is always a checkpoint to resume
@@ -368,13 +366,13 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
     schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
                              config.min_lr)
     progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
-    Xtr, Ytr = splits.tensors["train"]
+    examples = splits.tensors["train"]
     with stop_requests() as stop:
         while run.step < config.max_steps:
             lr = schedule(run.step)
             diagnostics.begin(run.step)
             # batch
-            Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, run.generator)
+            Xb, Yb = examples.sample(config.batch_size, run.generator)
             # forward
             loss = criterion.forward(run.model.forward(Xb), Yb).item()  # host sync: the loss is checked and logged
             if not math.isfinite(loss):
@@ -410,11 +408,11 @@ def stopped(signum, run, work_dir):
 
 def finish(run, splits, work_dir, diagnostics, out):
     """BatchNorm statistics over the whole training split, the final losses, the final save; returns the losses."""
-    Xtr = splits.tensors["train"][0]
+    examples = splits.tensors["train"]
     with stop_at_once(work_dir, run.step):  # long phases on a big corpus: each says what it is doing
         if any(isinstance(layer, BatchNorm1d) for layer in run.model.layers):
-            out.write(f"setting BatchNorm statistics from all {Xtr.shape[0]} training examples\n")
-            recalibrate_batchnorm(run.model, Xtr)
+            out.write(f"setting BatchNorm statistics from all {len(examples)} training examples\n")
+            recalibrate_batchnorm(run.model, examples)
         out.write("evaluating on the full train / val / test splits\n")
         losses = evaluate(run.model, splits)
     with stop_requests() as stop:           # a signal now waits until the final save is complete
