@@ -184,7 +184,8 @@ def test_attention_step_with_a_kv_cache_equals_the_full_forward_at_every_prefix(
     for t in range(T):
         y_t = attn.step(x[:, t : t + 1], cache)                          # (B, 1, C)
         torch.testing.assert_close(y_t, attn.forward(x[:, : t + 1])[:, -1:], rtol=0, atol=tol)
-        assert cache.keys.shape == cache.values.shape == (B, n_head, t + 1, C // n_head)
+        assert cache.t == t + 1 and cache.keys.shape == cache.values.shape     # t positions held, in buffers
+        assert cache.keys.shape[:2] == (B, n_head) and cache.keys.shape[3] == C // n_head
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (F64, 1e-12)])
