@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+import rank_worker
 import torch
 
-import rank_worker
 from handprop.checkpoint import load_checkpoint
 from handprop.cli import main
 from handprop.data import bundled_corpus_path
@@ -107,8 +107,8 @@ def test_launched_reads_torchrun_variables():
     world = launched("cpu", torchrun)
     assert isinstance(world, Ranks) and (world.rank, world.size, world.is_main, world.backend) == (1, 2, False, "gloo")
     assert world.timeout == 30 and launched("cpu", torchrun | {"HANDPROP_TIMEOUT": "5"}).timeout == 5
-    assert launched("cpu", torchrun | {"WORLD_SIZE": "1", "RANK": "0"}) is not world
-    assert type(launched("cpu", {})) is World and type(launched("cpu", torchrun | {"WORLD_SIZE": "1", "RANK": "0"}))
+    assert type(launched("cpu", {})) is World                  # not launched by torchrun: alone
+    assert type(launched("cpu", torchrun | {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})) is World
     for bad, words in [({k: v for k, v in torchrun.items() if k != "MASTER_PORT"}, "not MASTER_PORT"),
                        (torchrun | {"RANK": "2"}, "RANK 2 of WORLD_SIZE 2"),
                        (torchrun | {"RANK": "one"}, "whole numbers"),
@@ -215,7 +215,7 @@ def test_each_rank_takes_its_own_rows_of_the_same_global_batch(compared, name):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, corpus):
-    """The mlp trained 200 steps by torchrun with 2 ranks and by one process: (torchrun's stdout, its dir, one's dir)."""
+    """The mlp trained 200 steps by torchrun with 2 ranks and by one process: (torchrun's stdout, both dirs)."""
     out = tmp_path_factory.mktemp("runs")
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "handprop",
