@@ -143,11 +143,11 @@ def main():
         count = args.steps or DEFAULT_STEPS.get(name, 200)
         one = contender(name, count, args.repeats, 1)
         two = contender(name, count, args.repeats, 2)
-        ratio = two["rate"] / one["rate"]
+        ratio, reducing = two["rate"] / one["rate"], 1e3 * two["share"] / two["rate"]     # ms a step
         print(f"{name} ({one['describe']}; {one['params']:,} parameters, {one['tokens']} positions a step):\n"
               f"  1 process {one['rate']:,.1f} steps/s, 2 ranks {two['rate']:,.1f} steps/s: {ratio:.2f}x\n"
-              f"  all-reduce: {100 * two['share']:.0f}% of the 2 ranks' step time, {two['all_reduces']:.0f} call(s) "
-              f"a step, gradient bucket {4 * one['params'] / 1e3:,.0f} kB (float32)\n"
+              f"  all-reduce: {100 * two['share']:.0f}% of the 2 ranks' step time ({reducing:.2f} ms a step), "
+              f"{two['all_reduces']:.0f} call(s) a step, gradient bucket {4 * one['params'] / 1e3:,.0f} kB\n"
               f"  forward + backward: {one['flops'] / 1e6:,.1f} MFLOP a step in weight matrices, "
               f"{one['flops'] / (4 * one['params']):,.0f} FLOP per gradient byte")
 
