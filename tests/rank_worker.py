@@ -1,10 +1,12 @@
 """What one rank does in test_distributed.py: launched as `python rank_worker.py OUT` with torchrun's variables set.
 
-It joins the ranks as `handprop train` does (distributed.launched), runs the sync BatchNorm cases and
-the training runs of RUNS, and saves what it saw to OUT/rank<r>.pt. The test runs the same functions
+It joins the ranks as `handprop train` does (distributed.launched), runs the sync BatchNorm cases,
+the training runs of RUNS and a start-state check that differs by rank, and saves what it saw to
+OUT/rank<r>.pt. The test runs the same functions
 in one process (ALONE) for the reference.
 """
 
+import hashlib
 import io
 import sys
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from handprop import train as train_module
 from handprop.config import TrainConfig
 from handprop.data import load_corpus
 from handprop.distributed import launched, shard_rows
+from handprop.errors import UserError
 from handprop.layers import BatchNorm1d
 from handprop.models import build_model, preset, recipe
 
@@ -110,6 +113,10 @@ def main(out_dir, corpus_path):
         results = {"rank": world.rank, "size": world.size, "batchnorm": batchnorm_cases(world)}
         results["runs"] = {name: training_run(world, name, corpus_path, Path(out_dir) / f"rank{world.rank}")
                            for name in RUNS}
+        try:                                # ranks that would start apart: each says which differ from rank 0
+            world.check_same(lambda: hashlib.sha256(bytes([world.rank])).hexdigest())
+        except UserError as e:
+            results["differing"] = str(e)
     torch.save(results, Path(out_dir) / f"rank{world.rank}.pt")
 
 

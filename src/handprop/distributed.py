@@ -53,7 +53,7 @@ class World:
         """Give the model's BatchNorm and Dropout layers what they need to act on the global batch (nothing alone)."""
 
     def check_same(self, digest):
-        """Every rank starts from the same state (there is only this one)."""
+        """Every rank starts from the same state: digest() hashes it (alone, nothing to compare or compute)."""
 
     def shard(self, X, Y):
         """This rank's rows of the global batch, and its weight in the batch's mean loss."""
@@ -138,7 +138,7 @@ class Ranks(World):
                 layer.rows = (slice(start, stop), batch_size)
 
     def check_same(self, digest):
-        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=self.device)    # (32,)
+        mine = torch.tensor(list(bytes.fromhex(digest())), dtype=torch.uint8, device=self.device)  # (32,) sha256
         every = [torch.empty_like(mine) for _ in range(self.size)]
         with self.collective("while checking that the ranks start alike"):
             dist.all_gather(every, mine)

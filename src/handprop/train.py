@@ -358,7 +358,7 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
         first_step = run.step
         run.world = world
         world.attach(run.model, config.batch_size)
-        world.check_same(run.digest())
+        world.check_same(run.digest)
         with owned(work_dir, resume_from, world):   # held to the end: a second train on work_dir is refused
             sizes = " / ".join(f"{int((Y != IGNORED).sum())}" for _, Y in splits.tensors.values())
             out.write(f"{corpus.describe()}, vocabulary {splits.vocab.size}, characters to predict "
