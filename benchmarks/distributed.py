@@ -7,8 +7,9 @@ on loopback exactly as `torchrun --nproc-per-node 2 -m handprop train` joins the
 runs on ONE thread (torch.set_num_threads(1), OMP_NUM_THREADS=1), so 2 ranks use 2 cores against
 the single process's 1. Printed per model: steps/s of each and their ratio (>1: 2 ranks are
 faster), the share of the 2 ranks' step time spent inside all-reduce calls (the gradient bucket,
-and BatchNorm's statistics where the model has any; waiting for the slower rank counts), and the
-bytes the gradient all-reduce moves and the FLOPs of the forward and backward per step.
+and BatchNorm's statistics where the model has any; waiting for the slower rank counts), the
+median latency of one tiny all-reduce, and the bytes the gradient all-reduce moves and the FLOPs
+of the forward and backward per step.
 
     python benchmarks/distributed.py [--models mlp transformer] [--steps N] [--repeats 3]
 """
@@ -71,6 +72,16 @@ def steps(run, world, Xtr, Ytr, count, schedule, criterion):
         run.step += 1
 
 
+def median_all_reduce_seconds(calls=200):
+    """The median time of one all-reduce of a single float: the latency every call pays."""
+    tiny, times = torch.zeros(1), []
+    for _ in range(calls):
+        start = time.perf_counter()
+        dist.all_reduce(tiny)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[calls // 2]
+
+
 def worker(name, count, repeats):
     """One contender's process (alone, or a rank): its best turn, as one JSON line from rank 0."""
     torch.set_num_threads(1)
@@ -96,12 +107,14 @@ def worker(name, count, repeats):
             elapsed = time.perf_counter() - start
             turns.append((count / elapsed, (bucket.seconds + batchnorm.seconds) / elapsed))
         rate, share = max(turns)
+        latency = median_all_reduce_seconds() if world.size > 1 else 0.0
         tokens = config.batch_size * (1 if Ytr.ndim == 1 else Ytr.shape[1])
         if world.is_main:
             print(json.dumps({"rate": rate, "share": share, "params": count_parameters(run.model),
                               "flops": matmul_flops(run, tokens), "tokens": tokens,
                               "describe": describe(run.spec.model_config),
-                              "all_reduces": (bucket.calls + batchnorm.calls) / (bucket.calls or 1)}))
+                              "all_reduces": (bucket.calls + batchnorm.calls) / (bucket.calls or 1),
+                              "latency": latency}))
 
 
 def free_port():
@@ -147,7 +160,8 @@ def main():
         print(f"{name} ({one['describe']}; {one['params']:,} parameters, {one['tokens']} positions a step):\n"
               f"  1 process {one['rate']:,.1f} steps/s, 2 ranks {two['rate']:,.1f} steps/s: {ratio:.2f}x\n"
               f"  all-reduce: {100 * two['share']:.0f}% of the 2 ranks' step time ({reducing:.2f} ms a step), "
-              f"{two['all_reduces']:.0f} call(s) a step, gradient bucket {4 * one['params'] / 1e3:,.0f} kB\n"
+              f"{two['all_reduces']:.0f} call(s) a step, gradient bucket {4 * one['params'] / 1e3:,.0f} kB; "
+              f"one all-reduce of one float: median {1e6 * two['latency']:,.0f} µs\n"
               f"  forward + backward: {one['flops'] / 1e6:,.1f} MFLOP a step in weight matrices, "
               f"{one['flops'] / (4 * one['params']):,.0f} FLOP per gradient byte")
 
