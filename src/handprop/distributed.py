@@ -60,8 +60,12 @@ class World:
         return X, Y, 1.0
 
     def all_reduce(self, grads, loss, stop):
-        """Sum the gradients in place, the weighted loss and the stop requests over the ranks: (loss, stopping)."""
+        """Sum the gradients in place, the weighted loss and the stop requests over the ranks: (loss, any stop)."""
         return loss.item(), stop
+
+    def stopping(self, requests, agreed):
+        """Whether to stop after this step: alone, any request so far (one that came after the all-reduce too)."""
+        return bool(requests)
 
     def describe(self, batch_size):
         return ""
@@ -164,6 +168,10 @@ class Ranks(World):
             g.copy_(summed)
         loss, stops = bucket[-2:].tolist()
         return loss, stops > 0
+
+    def stopping(self, requests, agreed):
+        """What the step's all-reduce agreed: every rank stops after the same step (a later request waits a step)."""
+        return agreed
 
     def describe(self, batch_size):
         return (f"data parallel: {self.size} ranks share each batch of {batch_size} ({batch_size // self.size} "

@@ -413,8 +413,8 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
             loss = criterion.forward(run.model.forward(Xb), Yb)
             # backward, every gradient by hand; then summed over the ranks with the loss and any stop request
             run.model.backward(criterion.backward(share))
-            loss, stopping = run.world.all_reduce(run.model.grads, loss * share, bool(stop))   # host sync: the loss
-            if not math.isfinite(loss):     # is checked and logged
+            loss, agreed = run.world.all_reduce(run.model.grads, loss * share, bool(stop))
+            if not math.isfinite(loss):     # a host sync: the batch's loss is checked and logged
                 raise UserError(f"the loss became {loss} at step {run.step}: the learning rate ({lr:g}) is probably "
                                 f"too high; the last good checkpoint (step {run.saved_step}) is kept in {work_dir}")
             if config.grad_clip:
@@ -425,6 +425,7 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
             diagnostics.after_update(run.step, loss)
             run.step += 1
             # save: every save_every steps, at the last step, and before stopping when asked to (on any rank)
+            stopping = run.world.stopping(stop, agreed)     # read once: a signal may land between the two uses below
             if run.step % config.save_every == 0 or run.step == config.max_steps or stopping:
                 progress.val = run.save_latest(work_dir, val_loss(), diagnostics)
             # log
