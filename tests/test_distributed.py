@@ -302,3 +302,21 @@ def test_a_lost_rank_stops_the_other_with_one_line_and_the_run_resumes(tmp_path,
     assert train_here("-o", work_dir, "--resume", "--max-steps", end)[0] == 0
     assert train_here("-o", tmp_path / "uninterrupted", *steady, "--max-steps", end)[0] == 0
     assert_close(state(work_dir / "model.safetensors"), state(tmp_path / "uninterrupted" / "model.safetensors"), 1e-5)
+
+
+def test_a_stop_asked_of_one_rank_stops_every_rank_after_the_same_step(tmp_path, corpus):
+    work_dir = tmp_path / "run"
+    ranks = start_ranks(handprop("train", "-i", corpus, "-o", work_dir, "--max-steps", "1000000", "--save-every", "50"))
+    try:
+        deadline = time.monotonic() + 60
+        while saved_step(work_dir) < 50 and time.monotonic() < deadline and ranks[0].poll() is None:
+            time.sleep(0.1)
+        os.kill(ranks[1].pid, signal.SIGTERM)       # rank 1 alone is asked; the request rides in the next all-reduce
+        results = ended(ranks, timeout=60)
+    finally:
+        for rank in ranks:
+            rank.kill()
+    steps = {int(err.split(" at step ")[1].split(":")[0]) for _, _, err in results}
+    assert [status for status, _, _ in results] == [143, 143] and len(steps) == 1, results
+    assert all(err.startswith("handprop: SIGTERM at step ") and len(err.splitlines()) == 1 for _, _, err in results)
+    assert load_checkpoint(work_dir / "model.safetensors").step == steps.pop()     # rank 0 saved that step
