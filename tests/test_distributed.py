@@ -298,6 +298,8 @@ def test_a_lost_rank_stops_the_other_with_one_line_and_the_run_resumes(tmp_path,
     assert f"is kept in {work_dir}; continue with: handprop train --resume -o {work_dir}" in lines[0]
     checkpoint = load_checkpoint(work_dir / "model.safetensors")     # the last save loads...
     assert checkpoint.step >= 50 and checkpoint.step % 50 == 0 and not checkpoint.finished
+    if how != signal.SIGKILL:
+        return                              # (resuming once is enough: after the killed rank)
     end = checkpoint.step + 20                                      # ...and resumes in one process
     assert train_here("-o", work_dir, "--resume", "--max-steps", end)[0] == 0
     assert train_here("-o", tmp_path / "uninterrupted", *steady, "--max-steps", end)[0] == 0
