@@ -68,6 +68,7 @@ class World:
         return bool(requests)
 
     def describe(self, batch_size):
+        """The log line saying how the ranks share each batch (alone, none is written)."""
         return ""
 
 
