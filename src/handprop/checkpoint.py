@@ -90,6 +90,7 @@ class Checkpoint:
     losses: dict | None     # {'train', 'val', 'test'} final losses of a finished run
     optimizer_state: dict   # the optimiser's plain numbers (its tensors are in extra)
     extra: dict             # extra tensors: optimiser state 'optim.*', random generator states 'rng.*'
+    world_size: int = 1     # the ranks that shared each batch when it was saved (the result does not depend on it)
 
 
 def save_checkpoint(path, checkpoint):
@@ -118,6 +119,7 @@ def metadata(checkpoint):
         "vocab": list(spec.vocab.chars), "corpus": asdict(spec.corpus), "split_signature": spec.split_signature,
         "longest_item": spec.longest_item, "step": checkpoint.step, "best_val": checkpoint.best_val,
         "finished": checkpoint.finished, "losses": checkpoint.losses, "optimizer_state": checkpoint.optimizer_state,
+        "world_size": checkpoint.world_size,
     }
 
 
@@ -162,7 +164,7 @@ def from_metadata(meta, path):
     spec = RunSpec(model_config, train_config, vocab, CorpusInfo(**meta["corpus"]), meta["split_signature"],
                    int(meta["longest_item"]))
     return Checkpoint(spec, None, int(meta["step"]), float(meta["best_val"]), bool(meta["finished"]),
-                      meta["losses"], dict(meta["optimizer_state"]), {})
+                      meta["losses"], dict(meta["optimizer_state"]), {}, int(meta.get("world_size", 1)))
 
 
 def check_same_corpus(spec, corpus):

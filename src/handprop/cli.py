@@ -22,6 +22,7 @@ from .config import (
     validate_train,
 )
 from .data import load_corpus
+from .distributed import RankLost, launched
 from .errors import UserError
 from .gradcheck import check_layers
 from .grade import grade_script
@@ -225,7 +226,9 @@ def resumed_configs(args, device, checkpoint):
 
 def run_train(args):
     device = resolve_device(args.device)
-    check_work_dir(args.work_dir)
+    world = launched(device)                # alone, or a rank of a torchrun launch
+    if world.is_main:                       # the others would race it for the directory's lock
+        check_work_dir(args.work_dir)
     latest = Path(args.work_dir) / LATEST
     checkpoint = None
     if latest.exists():
@@ -244,8 +247,10 @@ def run_train(args):
             print(f"{args.work_dir} holds a finished run ({checkpoint.step} steps): {format_losses(checkpoint.losses)}"
                   f"; to train it further, resume with a larger --max-steps")
             return
-    train(corpus, model_config, config, args.work_dir, resume_from=checkpoint)
-    if args.diagnostics:
+    world.check_batch(config.batch_size)
+    with world.joined():                    # every rank has read and checked its inputs before rank 0 writes
+        train(corpus, model_config, config, args.work_dir, resume_from=checkpoint, world=world)
+    if args.diagnostics and world.is_main:
         draw_report(args.work_dir, device)
 
 
@@ -317,6 +322,9 @@ def main(argv=None):
     except Interrupted as e:
         print(f"handprop: {e}", file=sys.stderr)
         return 128 + e.signum
+    except RankLost as e:                   # not the user's doing: exit 1, not 2
+        print(f"handprop: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:               # before training started: nothing to save
         print("handprop: interrupted", file=sys.stderr)
         return 130

@@ -161,16 +161,29 @@ class BatchNorm1d(Layer):
         self.running_var = torch.ones_like(weight)
         self.grads = {}
 
+    reduce = None   # sync BatchNorm: sums a tensor over the processes sharing the batch; None: this process alone
+
+    def summed(self, *sums):
+        """Per-feature sums (C,) over every process's rows of the batch, in one all-reduce; alone, as given."""
+        if self.reduce is None:
+            return sums
+        return self.reduce(torch.cat(sums)).split([s.shape[0] for s in sums])
+
     def forward(self, x):
         dims = tuple(range(x.ndim - 1))         # every dimension but the channels
         if self.training:
             n = float(x.numel() // x.shape[-1])
-            mean = x.mean(dims, keepdim=True)                           # (1, C) or (1, 1, C)
+            if self.reduce is None:
+                mean = x.mean(dims)                                     # (C,)
+            else:                               # the global batch's rows, and their mean
+                total, n = self.summed(x.sum(dims), x.new_full((1,), n))
+                mean = total / n                                        # (C,), n (1,)
             centred = x - mean
-            sum_sq = (centred * centred).sum(dims, keepdim=True)
+            (sum_sq,) = self.summed((centred * centred).sum(dims))      # (C,)
+            self.n = n
             var = sum_sq / (n - 1.0) if self.bessel else sum_sq / n
-            self.running_mean.lerp_(mean.reshape(-1), self.momentum)    # (1-m)*running + m*batch
-            self.running_var.lerp_(sum_sq.reshape(-1) / (n - 1.0), self.momentum)  # always unbiased
+            self.running_mean.lerp_(mean, self.momentum)                # (1-m)*running + m*batch
+            self.running_var.lerp_(sum_sq / (n - 1.0), self.momentum)   # always unbiased
         else:
             centred = x - self.running_mean
             var = self.running_var
@@ -184,11 +197,12 @@ class BatchNorm1d(Layer):
         self.grads = {"weight": dweight, "bias": dbias}
         if not self.training:                   # running stats are constants
             return dout * (self.weight * self.inv_std)
-        n = float(dout.numel() // dout.shape[-1])
+        n = self.n
         c = n / (n - 1) if self.bessel else 1.0
         # the lecture's exercise 3: dx = gamma*inv_std/n * (n*dout - sum(dout) - c*xhat*sum(dout*xhat)),
-        # c = n/(n-1) for the Bessel-corrected variance, 1 for the biased one
-        return (self.weight * self.inv_std / n) * (n * dout - dbias - self.xhat * (c * dweight))
+        # c = n/(n-1) for the Bessel-corrected variance, 1 for the biased one; sums over the global batch
+        sum_dout, sum_dout_xhat = self.summed(dbias, dweight)
+        return (self.weight * self.inv_std / n) * (n * dout - sum_dout - self.xhat * (c * sum_dout_xhat))
 
     def parameters(self):
         return {"weight": self.weight, "bias": self.bias}
@@ -362,9 +376,16 @@ class Dropout(Layer):
         self.p, self.generator = p, generator
         self.mask = None
 
+    rows = None     # data parallel: (this process's rows, as a slice, of a batch of n rows); None: the whole batch
+
     def draw_mask(self, x):
-        """1/(1-p) where an entry of x is kept, 0 where it is dropped; advances the generator."""
-        keep = torch.rand(x.shape, generator=self.generator, dtype=x.dtype, device=x.device) >= self.p
+        """1/(1-p) where an entry of x is kept, 0 where it is dropped; advances the generator.
+
+        Data parallel, the whole batch's mask is drawn and this process's rows kept: N processes drop
+        what one process with the whole batch drops, and every generator stays in step."""
+        shape = x.shape if self.rows is None else (self.rows[1], *x.shape[1:])
+        keep = torch.rand(shape, generator=self.generator, dtype=x.dtype, device=x.device) >= self.p
+        keep = keep if self.rows is None else keep[self.rows[0]]
         return keep.to(x.dtype) / (1.0 - self.p)
 
     def forward(self, x):

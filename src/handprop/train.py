@@ -1,6 +1,7 @@
 """The training loop (autograd off throughout), evaluation, BatchNorm recalibration, saving."""
 
 import fcntl
+import json
 import math
 import os
 import signal
@@ -22,10 +23,12 @@ from .checkpoint import (
     load_checkpoint,
     metadata,
     save_checkpoint,
+    tensors_digest,
     write_readable_config,
 )
 from .data import IGNORED, SPLIT_NAMES, check_sequence_length, make_splits
-from .diagnostics import start_diagnostics
+from .diagnostics import NoDiagnostics, start_diagnostics
+from .distributed import ALONE, RankLost, World
 from .errors import UserError
 from .layers import BatchNorm1d, Dropout, eval_mode, walk
 from .losses import CrossEntropy, SequenceCrossEntropy
@@ -92,8 +95,8 @@ def recalibrate_batchnorm(model, examples):
 class Log:
     """A text stream that goes quiet when its reader goes away (`handprop train | head`): the run matters more."""
 
-    def __init__(self, stream):
-        self.stream, self.open = stream, True
+    def __init__(self, stream, open=True):
+        self.stream, self.open = stream, open   # open=False: silent from the start (ranks other than 0)
 
     def write(self, text):
         if self.open:
@@ -256,15 +259,25 @@ class Run:
     step: int = 0                   # optimisation steps done
     best_val: float = math.inf      # lowest val loss at a save, for best.safetensors
     saved_step: int | None = None   # the step of the latest checkpoint on disk
+    world: World = ALONE            # the ranks sharing each batch; rank 0 alone writes
 
     def checkpoint(self, finished=False, losses=None):
         tensors, numbers = self.optimizer.state_dict()
         extra = {f"optim.{k}": v for k, v in tensors.items()} | {"rng.batches": self.generator.get_state()}
-        return Checkpoint(self.spec, self.model, self.step, self.best_val, finished, losses, numbers, extra)
+        return Checkpoint(self.spec, self.model, self.step, self.best_val, finished, losses, numbers, extra,
+                          self.world.size)
+
+    def digest(self):
+        """A hash of everything the next step depends on: ranks must start from equal digests."""
+        state = self.model.parameters() | self.model.buffers() | {"rng.batches": self.generator.get_state()}
+        return tensors_digest(state, json.dumps(metadata(self.checkpoint()), sort_keys=True))
 
     def save_latest(self, work_dir, val, diagnostics, finished=False, losses=None):
         """The latest checkpoint (and the best one when val beats every earlier save), config.json, diagnostics."""
         work_dir = Path(work_dir)
+        if not self.world.is_main:          # the same state as rank 0, nothing written
+            self.best_val, self.saved_step = min(self.best_val, val), self.step
+            return val
         with saving(work_dir, self):
             if val < self.best_val:
                 self.best_val = val
@@ -322,30 +335,50 @@ def prepare(corpus, model_config, config, resume_from):
     return splits, new_run(spec)
 
 
-def train(corpus, model_config, config, work_dir, resume_from=None, out=None):
-    """Train by hand-written backprop (from scratch or a checkpoint); save and return (model, losses)."""
-    out = Log(out or sys.stdout)
+@contextmanager
+def owned(work_dir, resume_from, world):
+    """While active, rank 0 (or the only process) has work_dir, writable and claimed; other ranks write nothing."""
+    if not world.is_main:
+        yield
+        return
+    check_writable(work_dir)
+    with claimed(work_dir, resume_from):
+        yield
+
+
+def train(corpus, model_config, config, work_dir, resume_from=None, out=None, world=ALONE):
+    """Train by hand-written backprop (from scratch or a checkpoint) on world's ranks; save, return (model, losses)."""
+    out = Log(out or sys.stdout, open=world.is_main)
     started = time.perf_counter()
     with torch.inference_mode():            # no graph is ever recorded: every gradient is by hand
         # prepare: the data and the run, every input checked before the first file is written
         splits, run = prepare(corpus, model_config, config, resume_from)
         first_step = run.step
-        check_writable(work_dir)
-        with claimed(work_dir, resume_from):    # held to the end: a second train on work_dir is refused
+        run.world = world
+        world.attach(run.model, config.batch_size)
+        world.check_same(run.digest)
+        with owned(work_dir, resume_from, world):   # held to the end: a second train on work_dir is refused
             sizes = " / ".join(f"{examples.scored()}" for examples in splits.tensors.values())
             out.write(f"{corpus.describe()}, vocabulary {splits.vocab.size}, characters to predict "
                       f"train/val/test {sizes}\n")
             out.write(f"model {describe(run.spec.model_config)}: {count_parameters(run.model)} parameters"
                       + (f", resuming at step {run.step}" if resume_from else "") + "\n")
+            if world.size > 1:
+                out.write(world.describe(config.batch_size) + "\n")
 
             def val_loss():
                 return split_loss(run.model, splits.tensors["val"])
 
-            diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss)
+            diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss) if world.is_main \
+                else NoDiagnostics()
             if run.saved_step is None:      # from step 0 on there is always a checkpoint to resume
                 run.save_latest(work_dir, val_loss(), diagnostics)
             # the loop, which saves its last step: the trained weights are on disk before the final phase
-            run_steps(run, splits, work_dir, out, diagnostics, val_loss)
+            try:
+                run_steps(run, splits, work_dir, out, diagnostics, val_loss)
+            except RankLost as e:
+                raise RankLost(f"{e} at step {run.step}; the last checkpoint (step {run.saved_step}) is kept in "
+                               f"{work_dir}; {resume_hint(work_dir)}") from None
             # finish: exact BatchNorm statistics, the losses on every split, the last save
             losses = finish(run, splits, work_dir, diagnostics, out)
     out.write(wall_time(time.perf_counter() - started, run.step - first_step) + "\n")
@@ -371,15 +404,17 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
         while run.step < config.max_steps:
             lr = schedule(run.step)
             diagnostics.begin(run.step)
-            # batch
+            # batch: the global batch, the same on every rank; this rank's rows and its weight in the mean loss
             Xb, Yb = examples.sample(config.batch_size, run.generator)
+            Xb, Yb, share = run.world.shard(Xb, Yb)
             # forward
-            loss = criterion.forward(run.model.forward(Xb), Yb).item()  # host sync: the loss is checked and logged
-            if not math.isfinite(loss):
+            loss = criterion.forward(run.model.forward(Xb), Yb)
+            # backward, every gradient by hand; then summed over the ranks with the loss and any stop request
+            run.model.backward(criterion.backward(share))
+            loss, agreed = run.world.all_reduce(run.model.grads, loss * share, bool(stop))
+            if not math.isfinite(loss):     # a host sync: the batch's loss is checked and logged
                 raise UserError(f"the loss became {loss} at step {run.step}: the learning rate ({lr:g}) is probably "
                                 f"too high; the last good checkpoint (step {run.saved_step}) is kept in {work_dir}")
-            # backward, every gradient by hand
-            run.model.backward(criterion.backward())
             if config.grad_clip:
                 clip_grad_norm(run.model.grads, config.grad_clip)
             diagnostics.after_backward()
@@ -387,15 +422,15 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
             run.optimizer.step(run.model.grads, lr)
             diagnostics.after_update(run.step, loss)
             run.step += 1
-            # save: every save_every steps, at the last step, and before stopping when asked to
-            stopping = bool(stop)           # read once: a signal may land between the two uses below
+            # save: every save_every steps, at the last step, and before stopping when asked to (on any rank)
+            stopping = run.world.stopping(stop, agreed)     # read once: a signal may land between the two uses below
             if run.step % config.save_every == 0 or run.step == config.max_steps or stopping:
                 progress.val = run.save_latest(work_dir, val_loss(), diagnostics)
             # log
             if progress.due(run.step):
                 progress.update(run.step, loss, lr)
             if stopping:
-                raise stopped(stop[0], run, work_dir)
+                raise stopped(stop[0] if stop else signal.SIGTERM, run, work_dir)   # another rank was asked
         if stop:                            # it came during the last step's save: stop before the final phase
             raise stopped(stop[0], run, work_dir)
 
