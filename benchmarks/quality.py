@@ -21,7 +21,11 @@ Prints each loss, the differences hand - autograd and their ratios; float32 roun
 the two runs drift apart slowly, not systematically. Exit status 1 when the final val losses
 differ by more than 0.005.
 
-    python benchmarks/quality.py [--model mlp] [--steps N (default: the recipe's)] [--threads 1]
+    python benchmarks/quality.py [--model mlp] [--steps N (default: the recipe's)] [--seed N] [--float64]
+                                 [--threads 1]
+
+--float64 trains both runs in float64 (init drawn in float64 from the same seed): rounding then
+no longer tells the two apart, so what remains is any difference in the gradients themselves.
 """
 
 import argparse
@@ -35,9 +39,9 @@ import torch.nn.functional as F
 from handprop.data import IGNORED, load_corpus, sample_batch
 from handprop.gradcheck import twin_forward
 from handprop.layers import BatchNorm1d
-from handprop.models import PRESETS, count_parameters, describe, preset, recipe
-from handprop.optim import SGD, clip_grad_norm, make_schedule
-from handprop.train import evaluate, loss_for, new_run, prepare, recalibrate_batchnorm
+from handprop.models import PRESETS, build_model, count_parameters, describe, preset, recipe
+from handprop.optim import SGD, clip_grad_norm, make_optimizer, make_schedule
+from handprop.train import Run, evaluate, loss_for, new_run, prepare, recalibrate_batchnorm
 
 VAL_TOLERANCE = 0.005       # acceptance: |final val loss by hand - by autograd|
 
@@ -99,13 +103,21 @@ def train_by_autograd(run, splits, config):
     # the twins never update running statistics; recalibration sets them for both runs alike
 
 
-def run_config(name, steps):
+def run_config(name, steps, seed=None):
     """The model's recipe for steps steps; a warmup longer than a short run shrinks to a tenth of it."""
     config = recipe(name)
-    config = replace(config, max_steps=steps or config.max_steps)
+    config = replace(config, max_steps=steps or config.max_steps, seed=config.seed if seed is None else seed)
     if config.schedule == "cosine" and config.warmup >= config.max_steps:
         config = replace(config, warmup=config.max_steps // 10)
     return config
+
+
+def float64_run(spec):
+    """new_run(spec) with the model built in float64: its init drawn from the same seeded generator."""
+    generator = torch.Generator().manual_seed(spec.train_config.seed)
+    model = build_model(spec.model_config, generator, dtype=torch.float64)
+    return Run(spec, model, make_optimizer(spec.train_config.optimizer, model.parameters(),
+                                          spec.train_config.weight_decay), generator)
 
 
 def describe_schedule(config):
@@ -123,16 +135,19 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mlp", choices=list(PRESETS))
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the recipe's max_steps)")
+    p.add_argument("--seed", type=int, default=None, help="the run's seed (default: the recipe's)")
+    p.add_argument("--float64", action="store_true", help="both runs in float64 instead of float32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = run_config(args.model, args.steps)
+    config = run_config(args.model, args.steps, args.seed)
     splits, hand_run = prepare(load_corpus(), preset(args.model), config, None)
-    auto_run = new_run(hand_run.spec)       # a second, identical start: same init, same generator state
+    start = float64_run if args.float64 else new_run
+    hand_run, auto_run = start(hand_run.spec), start(hand_run.spec)     # two identical starts: init, generator
     print(f"model {args.model}: {describe(hand_run.spec.model_config)}, {count_parameters(hand_run.model)} parameters")
-    print(f"{config.max_steps} steps of batch {config.batch_size}, {describe_schedule(config)}; "
-          f"{torch.get_num_threads()} threads")
+    print(f"{config.max_steps} steps of batch {config.batch_size}, {describe_schedule(config)}, seed {config.seed}; "
+          f"{'float64' if args.float64 else 'float32'}, {torch.get_num_threads()} threads")
     results = {}
     for name, run, fn in (("hand-written", hand_run, train_by_hand), ("autograd", auto_run, train_by_autograd)):
         start = time.perf_counter()

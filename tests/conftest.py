@@ -1,9 +1,16 @@
 import contextlib
 import io
+import os
 
 import pytest
+import torch
 
 from handprop.cli import main
+
+# One thread per test process, the python -m handprop processes the tests start included: the suite runs as
+# two workers on two cores (pytest -n 2), and two torch processes with default threads slow each other badly.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
