@@ -143,8 +143,9 @@ def main():
         torch.set_num_threads(args.threads)
     config = run_config(args.model, args.steps, args.seed)
     splits, hand_run = prepare(load_corpus(), preset(args.model), config, None)
-    start = float64_run if args.float64 else new_run
-    hand_run, auto_run = start(hand_run.spec), start(hand_run.spec)     # two identical starts: init, generator
+    if args.float64:
+        hand_run = float64_run(hand_run.spec)
+    auto_run = (float64_run if args.float64 else new_run)(hand_run.spec)    # a second, identical start
     print(f"model {args.model}: {describe(hand_run.spec.model_config)}, {count_parameters(hand_run.model)} parameters")
     print(f"{config.max_steps} steps of batch {config.batch_size}, {describe_schedule(config)}, seed {config.seed}; "
           f"{'float64' if args.float64 else 'float32'}, {torch.get_num_threads()} threads")

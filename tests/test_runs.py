@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_main as cli
 
 from handprop import checkpoint as checkpoint_module
 from handprop import train as train_module
@@ -25,15 +26,6 @@ FAST = ["--save-every", "10", "--log-every", "10"]
 def command(*args):
     return [sys.executable, "-m", "handprop", *args]
 
-
-def cli(argv, capsys):
-    """(exit status, stdout, stderr) of `handprop argv` run in this process."""
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as e:                 # argparse rejects a flag by exiting
-        status = e.code
-    printed = capsys.readouterr()
-    return status, printed.out, printed.err
 
 
 def one_error_line(err, *words):

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from cli_runner import run_main
 
 from handprop.checkpoint import load_checkpoint
-from handprop.cli import main
 from handprop.data import Vocab
 from handprop.layers import eval_mode
 from handprop.models import build_model, preset
@@ -97,14 +97,6 @@ def test_draws_follow_the_tempered_softmax(sampling):
     frequencies = torch.bincount(drawn, minlength=27) / drawn.numel()
     assert (frequencies - expected).abs().max() < 0.005        # about 4 standard errors at p = 0.5
 
-
-def run_main(argv, capsys):
-    try:
-        status = main(argv)
-    except SystemExit as e:
-        status = e.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 @pytest.mark.parametrize("flags, words", [

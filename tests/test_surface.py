@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_main
 
 from handprop.checkpoint import from_metadata, load_checkpoint, metadata
 from handprop.cli import build_parser, main
@@ -39,15 +40,6 @@ def shown_help(command, capsys, monkeypatch):
     assert exit_.value.code == 0
     return " ".join(capsys.readouterr().out.split())
 
-
-def run_main(argv, capsys):
-    """main's exit status (argparse's too) and what it wrote to stdout and stderr."""
-    try:
-        status = main(argv)
-    except SystemExit as e:
-        status = e.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def assert_one_error_line(status, err, *words):
