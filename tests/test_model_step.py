@@ -40,7 +40,7 @@ def hand_step(model, X, Y, optimizer, lr):
     return model.parameters()
 
 
-@pytest.mark.parametrize("name", ["mlp", "deep", "wavenet"])
+@pytest.mark.parametrize("name", ["mlp", "deep", "wavenet", "mlp-fast"])
 def test_one_sgd_step_by_hand_equals_one_autograd_step(name):
     model, X, Y = model_and_batch(name)
 
@@ -56,8 +56,9 @@ def test_one_sgd_step_by_hand_equals_one_autograd_step(name):
         assert (after[k] - expected[k]).abs().max() <= 1e-10, k
 
 
-def test_adamw_steps_by_hand_equal_torch_adamw():
-    model, X, Y = model_and_batch("mlp", seed=1)
+@pytest.mark.parametrize("name", ["mlp", "mlp-fast"])
+def test_adamw_steps_by_hand_equal_torch_adamw(name):
+    model, X, Y = model_and_batch(name, seed=1)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.parameters().items()}
     reference = torch.optim.AdamW(params.values(), lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     optimizer = AdamW(model.parameters(), weight_decay=0.1)

@@ -23,9 +23,6 @@ class CrossEntropy:
         return dlogits * (dloss / B)
 
 
-
-
-
 class SequenceCrossEntropy:
     """Mean negative log-likelihood over the positions whose target is not IGNORED (padding).
 

@@ -1,0 +1,130 @@
+"""Time to quality: seconds of training until the fast recipe reaches val 2.10 and 2.00, by hand and by autograd.
+
+The recipe is `handprop train --model mlp-fast` (models.PRESETS and RECIPES): a wider MLP
+over 8 characters of context with AdamW, batch 512, warmup and cosine decay. Both runs start
+from the same init and draw the same batches. The hand-written run is train.run_steps' step
+(forward, backward, update, all by hand, autograd off); the baseline computes the same model's
+gradients with loss.backward() through the autograd twins (gradcheck.twin_forward) and updates
+with torch.optim.AdamW, as a plain PyTorch script would. The clock runs only while training:
+every `--eval-every` steps it stops, the full val split is scored, and the first time each
+target is reached is recorded. The two take turns (`--repeats` turns each, the best time to
+each target counts), so a noisy spell hits both alike. Prints, per target, seconds and steps
+for each and how many times sooner the hand-written run gets there.
+
+    python benchmarks/time_to_quality.py [--threads 2] [--repeats 2] [--eval-every 100]
+"""
+
+import argparse
+import time
+from dataclasses import replace
+
+import torch
+
+from handprop.data import load_corpus
+from handprop.gradcheck import twin_forward
+from handprop.models import PRESETS, count_parameters, describe, preset, recipe
+from handprop.optim import make_schedule
+from handprop.train import loss_for, new_run, prepare, split_loss
+
+TARGETS = (2.10, 2.00)      # val losses; acceptance: within 5 s and 30 s of training by hand
+
+
+def hand_trainer(run, examples):
+    """One step of train.run_steps by hand: (step, lr) -> None."""
+    config = run.spec.train_config
+    criterion = loss_for(run.spec.model_config.form)
+
+    def step(lr):
+        with torch.inference_mode():
+            Xb, Yb = examples.sample(config.batch_size, run.generator)
+            criterion.forward(run.model.forward(Xb), Yb)
+            run.model.backward(criterion.backward())
+            run.optimizer.step(run.model.grads, lr)
+    return step
+
+
+def autograd_trainer(run, examples):
+    """The same step with loss.backward() through the twins and torch.optim.AdamW (nanoGPT's two groups)."""
+    config = run.spec.train_config
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in run.model.parameters().items()}
+    groups = [{"params": [p for p in params.values() if p.ndim >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params.values() if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=run.optimizer.betas, eps=run.optimizer.eps)
+
+    def step(lr):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        Xb, Yb = examples.sample(config.batch_size, run.generator)
+        loss = torch.nn.functional.cross_entropy(twin_forward(run.model, Xb, params), Yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync():                             # hand the trained values to the model, to be evaluated
+        with torch.no_grad():
+            for k, p in run.model.parameters().items():
+                p.copy_(params[k])
+    step.sync = sync
+    return step
+
+
+def time_to_targets(make_step, run, splits, eval_every):
+    """{target: (seconds of training, steps)} for each target reached, and the last val loss."""
+    config = run.spec.train_config
+    schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
+                             config.min_lr)
+    step = make_step(run, splits.tensors["train"])
+    reached, clock, val = {}, 0.0, float("nan")
+    for n in range(config.max_steps):
+        start = time.perf_counter()
+        step(schedule(n))
+        clock += time.perf_counter() - start
+        if (n + 1) % eval_every == 0 or n + 1 == config.max_steps:     # the clock is stopped while scoring
+            getattr(step, "sync", lambda: None)()
+            with torch.inference_mode():
+                val = split_loss(run.model, splits.tensors["val"])
+            reached |= {t: (clock, n + 1) for t in TARGETS if val <= t and t not in reached}
+            if len(reached) == len(TARGETS):
+                break
+    return reached, val
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mlp-fast", choices=list(PRESETS), help="the recipe (default mlp-fast)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2: the 2 cores)")
+    p.add_argument("--repeats", type=int, default=2, help="turns each; the best time to each target counts")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between scorings of the val split")
+    p.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
+    p.add_argument("--only", choices=("hand", "autograd"), default=None, help="run one of the two (for probing)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    config = recipe(args.model)
+    config = replace(config, max_steps=args.max_steps or config.max_steps)
+    splits, first = prepare(load_corpus(), preset(args.model), config, None)
+    print(f"model {args.model}: {describe(first.spec.model_config)}, {count_parameters(first.model)} parameters")
+    print(f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g}, warmup {config.warmup}, cosine over "
+          f"{config.max_steps} steps; {torch.get_num_threads()} threads, best of {args.repeats} turns")
+    contenders = {"hand": hand_trainer, "autograd": autograd_trainer}
+    if args.only:
+        contenders = {args.only: contenders[args.only]}
+    best = {name: {} for name in contenders}
+    for turn in range(args.repeats):
+        for name, make_step in contenders.items():
+            reached, val = time_to_targets(make_step, new_run(first.spec), splits, args.eval_every)
+            shown = ", ".join(f"val {t:.2f} at {s:.1f} s (step {n})" for t, (s, n) in reached.items())
+            print(f"turn {turn + 1} {name:8}: {shown or 'no target reached'}; last val {val:.4f}", flush=True)
+            for t, (s, n) in reached.items():
+                if t not in best[name] or s < best[name][t][0]:
+                    best[name][t] = (s, n)
+    for t in TARGETS:
+        cells = {name: (f"{best[name][t][0]:6.1f} s (step {best[name][t][1]})" if t in best[name] else "not reached")
+                 for name in contenders}
+        line = f"val <= {t:.2f}: " + " | ".join(f"{name} {cell}" for name, cell in cells.items())
+        if all(t in best[name] for name in ("hand", "autograd") if name in contenders) and len(contenders) == 2:
+            line += f" | hand {best['autograd'][t][0] / best['hand'][t][0]:.2f}x sooner"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
