@@ -255,19 +255,32 @@ class Examples:
 
     def batch(self, ix):
         """The rows ix (B,): windows X (B, block_size), Y (B,); sequences X (B, T), Y (B, T), -1 on padding."""
+        if self.form == "windows":
+            # the block_size tokens up to and including stream[ix], oldest first (before 0: stream[0], a boundary)
+            X = self.stream[(ix[:, None] + self.window_offsets).clamp_(min=0)].long()     # (B, block_size)
+            # keep only what follows the window's last boundary (the item's own characters): columns are
+            # numbered 1..block_size, and every column before the last 0's number is zeroed
+            last_boundary = ((X == 0) * self.column_numbers).amax(1, keepdim=True)   # (B, 1), 0 if none
+            X *= self.column_numbers >= last_boundary
+            return X, self.stream[ix + 1].long()
         offsets = torch.arange(self.width, device=ix.device)                   # (width,)
         last = self.stream.shape[0] - 1
-        if self.form == "windows":
-            X = self.stream[(ix[:, None] + (1 - self.width) + offsets).clamp_(0, last)].long()   # (B, block_size)
-            boundaries = (X == 0).flip(1).cumsum(1).flip(1)                     # zeros at or after each position
-            X *= boundaries == (X == 0).long()      # keep only what follows the last boundary: the item's own
-            return X, self.stream[ix + 1].long()
         starts = self.bounds[ix]                                                # (B,)
         lengths = self.bounds[ix + 1] - starts - 1                              # (B,) characters
         X = self.stream[(starts[:, None] + offsets).clamp_(max=last)].long()    # (B, T)
         Y = self.stream[(starts[:, None] + 1 + offsets).clamp_(max=last)].long()
         past = offsets > lengths[:, None]                                       # (B, T) after the end token
         return X.masked_fill_(past, 0), Y.masked_fill_(past, IGNORED)
+
+    @cached_property
+    def window_offsets(self):
+        """(block_size,) positions of a window's tokens relative to its last one: 1 - block_size .. 0."""
+        return torch.arange(1 - self.width, 1, device=self.stream.device)
+
+    @cached_property
+    def column_numbers(self):
+        """(block_size,) 1 .. block_size: a window's columns, numbered from 1 so that 0 can mean none."""
+        return torch.arange(1, self.width + 1, device=self.stream.device)
 
     def sample(self, batch_size, generator):
         """A minibatch drawn uniformly with replacement: the same draws, and rows, as sample_batch on the tensors."""
