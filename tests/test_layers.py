@@ -16,7 +16,7 @@ def test_every_layer_and_the_loss_match_autograd_and_finite_differences(seed):
     for r in rows:
         assert r.autograd_maxdiff <= AUTOGRAD_TOL * r.scale and r.fd_relerr <= FD_TOL
     covered = {r.layer.split(" ")[0] for r in rows}
-    assert covered == {"Embedding", "Linear", "BatchNorm1d", "Tanh", "FlattenConsecutive(2)",
+    assert covered == {"Embedding", "Linear", "LookupLinear", "BatchNorm1d", "Tanh", "FlattenConsecutive(2)",
                        "FlattenConsecutive(T)", "CrossEntropy", "Sequential", "LayerNorm", "GELU", "Dropout",
                        "Residual", "TokenPositionEmbedding", "CausalSelfAttention", "Recurrent(RNNCell)",
                        "Recurrent(GRUCell)"}

@@ -112,6 +112,9 @@ def build_parser():
     for name, flag in MODEL_FLAGS.items():
         add_setting(t, ModelConfig, name, flag, default="default: the model's")
     t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")
+    t.add_argument("--lookup-tables", action="store_true", help="mlp: compute the embedding and the first Linear as "
+                   "per-position lookup tables (the same function; far faster for batches much larger than the "
+                   "vocabulary)")
     t.add_argument("--bn-variance", default=None, choices=["bessel", "biased"],
                    help="BatchNorm normalises with n-1 (lecture) or n (PyTorch)")
     t.add_argument("--diagnostics", action="store_true",
@@ -178,6 +181,7 @@ def model_overrides(args):
     """The model fields the flags set (the rest come from the preset or the saved run)."""
     given = {name: getattr(args, name) for name in MODEL_FLAGS}
     given["batchnorm"] = False if args.no_batchnorm else None
+    given["lookup_tables"] = True if args.lookup_tables else None
     given["bessel"] = None if args.bn_variance is None else args.bn_variance == "bessel"
     return {k: v for k, v in given.items() if v is not None}
 

@@ -37,6 +37,8 @@ class ModelConfig:
     n_layers: int = setting(1, "hidden layers or transformer blocks (wavenet: log2 of the block size)", 1, 64)
     n_head: int = setting(4, "attention heads per transformer block (n_embd must be a multiple)", 1, 256)
     dropout: float = setting(0.0, "transformer dropout probability, in training only", 0.0, 0.9)
+    lookup_tables: bool = setting(False, "mlp: the embedding and the first Linear as per-position lookup tables "
+                                  "(the same function; far faster when the batch is much larger than the vocabulary)")
     hidden_bias: bool = setting(True, "a bias in the hidden Linear layers (the lecture's exercise 4 keeps b1)")
     batchnorm: bool = setting(True, "a BatchNorm1d after each hidden Linear")
     bessel: bool = setting(True, "BatchNorm normalises with the n-1 variance (lecture) instead of n (PyTorch)")
@@ -110,6 +112,8 @@ def validate_model(config):
     if config.kind in WINDOW_KINDS and config.block_size < 1:
         raise UserError(f"{config.kind} needs a --block-size of at least 1, got {config.block_size} (0 means the "
                         "longest item + 1, for whole-item models only)")
+    if config.lookup_tables and config.kind != "mlp":
+        raise UserError(f"lookup tables replace an mlp's first layer; {config.kind} has none to replace")
     if config.kind == "transformer" and config.n_embd % config.n_head:
         raise UserError(f"the transformer's n_embd ({config.n_embd}) must be a multiple of its heads ({config.n_head})")
     if config.kind == "wavenet":
@@ -147,10 +151,14 @@ def preset_config(base, **overrides):
     return config
 
 
+# settings added after the first checkpoints were written: one that lacks them ran with their default
+ADDED_SETTINGS = {"lookup_tables"}
+
+
 def config_from_dict(cls, saved, what):
     """A config of class cls from saved JSON, through the same checks as the flags; a bad one is a UserError."""
     names = {f.name for f in fields(cls)}
-    if not isinstance(saved, dict) or set(saved) != names:
+    if not isinstance(saved, dict) or not names - ADDED_SETTINGS <= set(saved) <= names:
         raise UserError(f"{what}'s {cls.__name__} does not match this version of handprop")
     try:
         return cls(**saved)

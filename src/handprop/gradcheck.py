@@ -24,6 +24,7 @@ from .layers import (
     Layer,
     LayerNorm,
     Linear,
+    LookupLinear,
     Recurrent,
     Residual,
     RNNCell,
@@ -53,6 +54,11 @@ def embedding_twin(layer, ix, p):
 
 def linear_twin(layer, x, p):
     return F.linear(x, p["weight"].T, p.get("bias"))            # (..., fan_out)
+
+
+def lookup_linear_twin(layer, ix, p):
+    x = F.embedding(ix, p["embedding"]).flatten(1)             # (B, T * C): the plain layers' way
+    return F.linear(x, p["weight"].T, p.get("bias"))            # (B, H)
 
 
 def batchnorm_twin(layer, x, p):
@@ -170,8 +176,8 @@ def sequential_twin(layer, x, p):
 
 
 TWINS = {
-    Embedding: embedding_twin, Linear: linear_twin, BatchNorm1d: batchnorm_twin, Tanh: tanh_twin,
-    FlattenConsecutive: flatten_consecutive_twin, Sequential: sequential_twin, LossLayer: loss_twin,
+    Embedding: embedding_twin, Linear: linear_twin, LookupLinear: lookup_linear_twin, BatchNorm1d: batchnorm_twin,
+    Tanh: tanh_twin, FlattenConsecutive: flatten_consecutive_twin, Sequential: sequential_twin, LossLayer: loss_twin,
     LayerNorm: layernorm_twin, GELU: gelu_twin, Dropout: dropout_twin, Residual: residual_twin,
     TokenPositionEmbedding: token_position_twin, CausalSelfAttention: attention_twin, Recurrent: recurrent_twin,
 }
@@ -313,6 +319,8 @@ def lecture_cases(draw):
         case("Embedding", Embedding(randn(V, C)), ix),
         case("Linear (B, C)", Linear(randn(C, V), randn(V)), randn(B, C)),
         case("Linear no bias (B, T, C)", Linear(randn(C, V)), randn(B, T, C)),
+        case("LookupLinear", LookupLinear(randn(V, 3), randn(T * 3, C), randn(C)), ix),
+        case("LookupLinear no bias", LookupLinear(randn(V, 3), randn(T * 3, C)), ix),
         case("BatchNorm1d bessel (B, C)", batchnorm(True), randn(B, C)),
         case("BatchNorm1d biased (B, C)", batchnorm(False), randn(B, C)),
         case("BatchNorm1d bessel (B, T, C)", batchnorm(True), randn(B, T, C)),

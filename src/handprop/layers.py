@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from .errors import UserError
 
@@ -143,6 +144,60 @@ class Linear(Layer):
     def describe(self):
         fan_in, fan_out = self.weight.shape
         return f"{fan_in} -> {fan_out}" + ("" if self.bias is not None else ", no bias")
+
+
+class LookupLinear(Layer):
+    """Embedding, flattened over the context, then Linear, computed through per-position lookup tables.
+
+    The same function as Embedding(E), FlattenConsecutive(T), Linear(W, b) on (B, T) tokens:
+    h = b + sum_t E[x_t] @ W_t, where W_t is the t-th block of n_embd rows of W. E[x_t] @ W_t is row
+    x_t of the table P_t = E @ W_t (V, H), so the forward builds T small tables and sums one row of each
+    per example; the backward adds each dout row into row x_t of dP_t, then dW_t = E^T dP_t and
+    dE = sum_t dP_t W_t^T. It multiplies V rows where the plain layers multiply B: far cheaper when the
+    batch is much larger than the vocabulary (batch 512 over 27 characters: 3x fewer flops a step).
+    """
+
+    def __init__(self, embedding, weight, bias=None):
+        self.embedding = embedding              # (V, C) one vector per token
+        self.weight = weight                    # (T * C, H): rows t*C .. t*C + C - 1 act on position t
+        self.bias = bias                        # (H,) or None
+        self.grads = {}
+
+    def blocks(self):
+        """W as (T, C, H): W_t for each position t."""
+        return self.weight.view(-1, self.embedding.shape[1], self.weight.shape[1])
+
+    def forward(self, ix):
+        self.ix = ix                                                    # (B, T) token indices
+        V = self.embedding.shape[0]
+        tables = torch.matmul(self.embedding, self.blocks())            # (T, V, H): P_t = E @ W_t
+        rows = ix + torch.arange(0, ix.shape[1] * V, V, device=ix.device)   # (B, T): x_t's row in the stacked P
+        out = F.embedding_bag(rows, tables.view(-1, tables.shape[2]), mode="sum")     # (B, H): sum_t P_t[x_t]
+        return out if self.bias is None else out.add_(self.bias)
+
+    def backward(self, dout):
+        # dP_t[v] = sum of the dout rows (B, H) whose token at position t is v; index_add_ keeps repeats
+        T, V = self.ix.shape[1], self.embedding.shape[0]
+        dtables = dout.new_zeros(T, V, dout.shape[1])                   # (T, V, H)
+        for t in range(T):
+            dtables[t].index_add_(0, self.ix[:, t], dout)
+        blocks = self.blocks()                                          # (T, C, H)
+        self.grads = {
+            "embedding": torch.bmm(dtables, blocks.transpose(1, 2)).sum(0),            # (V, C) sum_t dP_t W_t^T
+            "weight": torch.matmul(self.embedding.T, dtables).view(self.weight.shape),  # (T*C, H) E^T dP_t
+        }
+        if self.bias is not None:
+            self.grads["bias"] = dout.sum(0)                            # (H,)
+        return None                             # indices have no gradient
+
+    def parameters(self):
+        both = {"embedding": self.embedding, "weight": self.weight}
+        return both if self.bias is None else both | {"bias": self.bias}
+
+    def describe(self):
+        (vocab, dim), (fan_in, fan_out) = self.embedding.shape, self.weight.shape
+        bias = "" if self.bias is not None else ", no bias"
+        return f"{vocab}, {dim}, {fan_in // dim} positions -> {fan_out}{bias}"
 
 
 class BatchNorm1d(Layer):

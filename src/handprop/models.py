@@ -21,6 +21,7 @@ from .layers import (
     GRUCell,
     LayerNorm,
     Linear,
+    LookupLinear,
     Recurrent,
     Residual,
     RNNCell,
@@ -39,7 +40,7 @@ PRESETS = {
     "wavenet": ModelConfig(kind="wavenet", block_size=8, n_embd=24, n_hidden=128, n_layers=3,   # part 5
                            hidden_bias=False),
     # a good names model in seconds: wider, more context, no BatchNorm to recalibrate (RECIPES below)
-    "mlp-fast": ModelConfig(block_size=8, n_embd=24, n_hidden=512, batchnorm=False),
+    "mlp-fast": ModelConfig(block_size=8, n_embd=48, n_hidden=512, batchnorm=False, lookup_tables=True),
     # makemore's models, block_size 0 = as many positions as the longest item needs
     "bigram": ModelConfig(kind="bigram", block_size=0, batchnorm=False),
     "rnn": ModelConfig(kind="rnn", block_size=0, n_embd=64, n_hidden=64, batchnorm=False),
@@ -51,7 +52,7 @@ PRESETS = {
 
 # the training recipe each model trains with unless flags say otherwise (the lectures' SGD when not listed)
 RECIPES = {
-    # probed on names.txt (README, Time to quality): lr 3e-3 to 1e-2, 3000 to 6000 steps, n_hidden 384 to 512
+    # probed on names.txt (README, Time to quality): lr 3e-3 to 1e-2, 3000 to 6000 steps, n_embd 16 to 64
     "mlp-fast": TrainConfig(max_steps=3000, batch_size=512, optimizer="adamw", lr=4e-3, schedule="cosine",
                             warmup=100, weight_decay=0.01, save_every=1000, log_every=500),
     "bigram": TrainConfig(max_steps=5000, optimizer="adamw", lr=0.1, schedule="cosine", save_every=1000,
@@ -101,12 +102,14 @@ def build_mlp(config, randn, constant, generator):
     """Lectures 3-5: Embedding, (FlattenConsecutive, Linear, BatchNorm1d, Tanh) per hidden layer, Linear."""
     lecture = config.init == "lecture"
     layers = [Embedding(randn(config.vocab_size, config.n_embd))]
-    for group, fan_in, fan_out in hidden_shapes(config):
-        if group > 1:
-            layers.append(FlattenConsecutive(group))
+    for i, (group, fan_in, fan_out) in enumerate(hidden_shapes(config)):
         weight = randn(fan_in, fan_out, scale=TANH_GAIN / math.sqrt(fan_in) if lecture else 1.0)
         bias = randn(fan_out, scale=0.1 if lecture else 1.0) if config.hidden_bias else None
-        layers.append(Linear(weight, bias))
+        if i == 0 and config.lookup_tables:     # the same init: Embedding, flatten and Linear as one layer
+            layers = [LookupLinear(layers[0].weight, weight, bias)]
+        else:
+            # the first layer flattens the whole context, even one position: (B, 1, C) -> (B, C)
+            layers += [FlattenConsecutive(group)] * (i == 0 or group > 1) + [Linear(weight, bias)]
         if config.batchnorm:
             if lecture:  # non-trivial gamma and beta, so a wrong backward cannot hide behind 1 and 0
                 gamma, beta = 1 + randn(fan_out, scale=0.1), randn(fan_out, scale=0.1)
@@ -182,7 +185,8 @@ def describe(config):
                 f"{config.block_size} positions, dropout {config.dropout:g}")
     layers = len(hidden_shapes(config))
     return (f"{config.kind}, {layers} hidden layer{'s' if layers > 1 else ''} of {config.n_hidden}"
-            f"{'' if config.batchnorm else ' (no BatchNorm)'}, block {config.block_size}, n_embd {config.n_embd}")
+            f"{'' if config.batchnorm else ' (no BatchNorm)'}, block {config.block_size}, n_embd {config.n_embd}"
+            + (", first layer as lookup tables" if config.lookup_tables else ""))
 
 
 def count_parameters(model):
