@@ -11,6 +11,7 @@ import os
 import random
 import stat
 import sys
+from array import array
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -31,8 +32,8 @@ SPLIT_SEED = 42             # the lectures' random.seed(42) before shuffling the
 SPLIT_NAMES = ("train", "val", "test")
 IGNORED = -1                # target of a padding position in the sequence form: it has no loss
 FORMS = ("windows", "sequences")    # block_size characters of context -> the next one; whole items, padded
-NEWLINE = ord("\n")         # joins the items of a split before encoding; becomes the boundary token
-ENCODE_ITEMS = 1 << 16      # items encoded at a time: their code points are the only temporaries
+NEWLINE = ord("\n")         # joins a block of items before encoding; becomes the boundary token
+ENCODE_ITEMS = 1 << 16      # items encoded at a time: their code points and places are the only temporaries
 
 
 def bundled_corpus_path():
@@ -155,15 +156,26 @@ class Vocab:
         return {c: i + 1 for i, c in enumerate(self.chars)}
 
 
+def split_order(n, seed=SPLIT_SEED):
+    """The lectures' split of n items as positions: the permutation random.shuffle applies to any n items (it
+    depends only on the length), cut 80% / 10% / 10%; three arrays of item indices."""
+    n1, n2 = int(0.8 * n), int(0.9 * n)
+    if not 0 < n1 < n2 < n:
+        raise UserError(f"{n} items are too few to make train/val/test splits (need at least {MIN_ITEMS})")
+    typecode = "i" if n < 2**31 else "q"    # C int or long long: 4 bytes an item, not a Python int each
+    order = array(typecode, np.arange(n, dtype=typecode).tobytes())
+    random.Random(seed).shuffle(order)
+    return order[:n1], order[n1:n2], order[n2:]
+
+
+def pick(items, positions):
+    """The items at positions, in their order."""
+    return list(map(items.__getitem__, positions))
+
+
 def split_items(items, seed=SPLIT_SEED):
     """The lectures' split: shuffle with random.seed(seed), then 80% / 10% / 10%."""
-    shuffled = list(items)
-    random.Random(seed).shuffle(shuffled)
-    n1, n2 = int(0.8 * len(shuffled)), int(0.9 * len(shuffled))
-    train, val, test = shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
-    if not (train and val and test):
-        raise UserError(f"{len(items)} items are too few to make train/val/test splits (need at least {MIN_ITEMS})")
-    return train, val, test
+    return tuple(pick(items, part) for part in split_order(len(items), seed))
 
 
 def build_examples(items, vocab, block_size):
@@ -216,24 +228,54 @@ def code_points(text, narrow):
         return None
 
 
-def encode_stream(items, vocab):
-    """The items as one stream of token ids, (sum n + N + 1,) = [0, c1..cn, 0, c1..cm, ..., 0], and the positions
-    of its boundaries (N + 1,); vectorised: each block of items is joined, read as code points, mapped by a table."""
+def index_dtype(size):
+    """The type of positions in size tokens: four bytes each while they fit."""
+    return np.int32 if size < 2**31 else np.int64
+
+
+def encode_splits(items, parts, vocab):
+    """Each split's stream of token ids, (S,) = [0, c1..cn, 0, c1..cm, ..., 0], and the positions of its boundaries,
+    (n + 1,), for the items at positions parts (split_order's). The items are read in file order, as they lie in
+    memory: each block of them is joined, read as code points, mapped by a table and scattered to its places."""
     narrow = all(ord(c) < 256 for c in vocab.chars)     # the usual case: a byte a character read, not four
     table = vocab.token_table(256 if narrow else sys.maxunicode + 1)     # every code point text can hold
-    stream = np.zeros(sum(map(len, items)) + len(items) + 1, dtype=token_dtype(vocab.size))
-    bounds = np.zeros(len(items) + 1, dtype=np.int64)
-    at = 1                                  # stream[0] is the first item's boundary
+    lengths = np.fromiter(map(len, items), dtype=np.int32, count=len(items))    # (N,) in file order
+    size = int(lengths.sum(dtype=np.int64)) + len(items) + len(parts)    # a boundary an item, and a last a split
+    streams = np.zeros(size, dtype=token_dtype(vocab.size))     # (size,) the splits' streams, one after another
+    places = np.empty(len(items), dtype=index_dtype(size))      # (N,) each item's boundary in streams
+    splits, at = [], 0                                          # (where its stream starts, its boundaries)
+    for part in parts:
+        part = np.frombuffer(part, dtype=part.typecode)         # (n,) its items, as positions in file order
+        spans = lengths[part]
+        spans += 1                                              # (n,) each item's boundary and characters
+        bounds = np.zeros(len(part) + 1, dtype=places.dtype)    # (n + 1,)
+        np.cumsum(spans, out=bounds[1:])
+        places[part] = bounds[:-1] + at
+        splits.append((at, bounds))
+        at += int(bounds[-1]) + 1
+    del lengths, spans
     for first in range(0, len(items), ENCODE_ITEMS):
-        text = "\n".join(items[first : first + ENCODE_ITEMS]) + "\n"     # each newline becomes the next boundary
+        text = "\n".join(items[first : first + ENCODE_ITEMS]) + "\n"   # each newline becomes the next boundary
         points = code_points(text, narrow)
-        ids = None if points is None else table[points]
+        ids = None if points is None else table[points]                 # (L,)
         if ids is None or (ids < 0).any():
-            vocab.encode(text.replace("\n", ""))                            # the UserError naming them
-        stream[at : at + len(ids)] = ids
-        bounds[first + 1 : first + 1 + ENCODE_ITEMS] = np.flatnonzero(ids == 0) + at
-        at += len(ids)
-    return torch.from_numpy(stream), torch.from_numpy(bounds)
+            unknown_characters(items, parts, vocab)
+        ends = np.flatnonzero(ids == 0)                                 # (B,) each item's newline
+        spans = np.diff(ends, prepend=-1)                               # (B,) its characters and newline
+        # the item's token at ends - spans + 1 + t goes to its place + 1 + t (its newline: onto the next boundary)
+        targets = np.repeat(places[first : first + len(ends)] + spans - ends, spans)  # (L,) each token's move
+        targets += np.arange(len(ids))
+        streams[targets] = ids
+    streams = torch.from_numpy(streams)
+    return [(streams[at : at + int(bounds[-1]) + 1], torch.from_numpy(bounds)) for at, bounds in splits]
+
+
+def unknown_characters(items, parts, vocab):
+    """The UserError naming the characters the vocabulary lacks in the first block of ENCODE_ITEMS items, in split
+    order, that has any."""
+    for part in parts:
+        for first in range(0, len(part), ENCODE_ITEMS):
+            vocab.encode("".join(pick(items, part[first : first + ENCODE_ITEMS])))
 
 
 @dataclass
@@ -246,7 +288,7 @@ class Examples:
     """
 
     stream: torch.Tensor    # (S,) uint8, int16 or int32 token ids: [0, item, 0, item, ..., 0]
-    bounds: torch.Tensor    # (N + 1,) int64 positions of the boundaries in stream
+    bounds: torch.Tensor    # (N + 1,) int32 positions of the boundaries in stream (int64 from 2**31 tokens)
     form: str               # one of FORMS
     width: int              # windows: block_size; sequences: positions per row (the longest item + 1 at least)
 
@@ -329,14 +371,14 @@ def make_splits(corpus, block_size, seed=SPLIT_SEED, vocab=None, device="cpu", f
     if form not in FORMS:
         raise UserError(f"unknown data form {form!r} (choose {' or '.join(FORMS)})")
     vocab = vocab or Vocab.from_items(corpus.items)
-    train, val, test = split_items(corpus.items, seed)
+    parts = split_order(len(corpus.items), seed)
+    train, val, test = (pick(corpus.items, part) for part in parts)
     if form == "sequences":             # one width for every split, checked against the whole corpus's longest item
         longest = max(len(item) for item in corpus.items)
         block_size = longest + 1 if block_size is None else block_size
         check_sequence_length(longest, block_size)
     tensors = {}
-    for name, items in (("train", train), ("val", val), ("test", test)):
-        stream, bounds = encode_stream(items, vocab)
+    for name, (stream, bounds) in zip(SPLIT_NAMES, encode_splits(corpus.items, parts, vocab), strict=True):
         tensors[name] = Examples(stream.to(device), bounds.to(device), form, block_size)
     return Splits(vocab, train, val, test, tensors, form)
 
