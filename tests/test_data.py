@@ -232,7 +232,9 @@ def random_corpus(n, seed):
     (random_corpus(300, 0), 7),
     (random_corpus(70000, 1), data.ENCODE_ITEMS),           # more items than a block
     ([chr(0x100 + i) for i in range(400)] * 3, 64),         # 401 tokens: two bytes each
-], ids=["names", "names-blocks", "unicode-blocks-of-1", "unicode-blocks-of-7", "unicode-70000", "wide-vocabulary"])
+    (["", "ab", "", "", "c", "d", ""] * 5, 3),              # empty items (a Corpus has none) start where the next does
+], ids=["names", "names-blocks", "unicode-blocks-of-1", "unicode-blocks-of-7", "unicode-70000", "wide-vocabulary",
+        "empty-items"])
 def test_the_streams_are_each_splits_shuffled_items_token_by_token(monkeypatch, corpus_items, block):
     monkeypatch.setattr(data, "ENCODE_ITEMS", block)        # items encoded at a time: blocks end inside every split
     vocab = Vocab.from_items(corpus_items)

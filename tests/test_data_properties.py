@@ -4,12 +4,22 @@ import random
 from collections import Counter
 from unittest import mock
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handprop import data
-from handprop.data import Corpus, Vocab, build_examples, encode_splits, make_splits, pick, split_items, split_order
+from handprop.data import (
+    Corpus,
+    Vocab,
+    build_examples,
+    encode_splits,
+    make_splits,
+    split_items,
+    split_lists,
+    split_order,
+)
 from handprop.errors import UserError
 
 # items are non-blank single lines of any characters (what load_corpus can hand on)
@@ -39,9 +49,9 @@ def test_splits_are_disjoint_and_cover_the_data(corpus_items, seed):
 def test_the_split_order_is_the_permutation_random_shuffle_applies(corpus_items, seed):
     shuffled = list(corpus_items)
     random.Random(seed).shuffle(shuffled)
-    train, val, test = split_order(len(corpus_items), seed)
-    assert pick(corpus_items, train + val + test) == shuffled
-    assert sorted(train + val + test) == list(range(len(corpus_items)))     # each item once
+    parts = split_order(len(corpus_items), seed)
+    assert [item for part in split_lists(corpus_items, parts) for item in part] == shuffled
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(corpus_items)))   # each item once
 
 
 @settings(max_examples=50)
