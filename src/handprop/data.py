@@ -11,7 +11,6 @@ import os
 import random
 import stat
 import sys
-from array import array
 from dataclasses import dataclass
 from functools import cached_property, partial
 from importlib import resources
@@ -160,9 +159,10 @@ def split_order(n, seed=SPLIT_SEED):
     n1, n2 = int(0.8 * n), int(0.9 * n)
     if not 0 < n1 < n2 < n:
         raise UserError(f"{n} items are too few to make train/val/test splits (need at least {MIN_ITEMS})")
-    order = array("q", np.arange(n, dtype=np.int64).tobytes())     # 8 bytes an item, not a Python int each
-    random.Random(seed).shuffle(order)
-    order = np.frombuffer(order, dtype=np.int64)
+    order = np.arange(n, dtype=np.int64)
+    # through a memoryview, as on a list: 8 bytes an item, not a Python int each, in numpy's memory (huge pages,
+    # so the random swaps miss the TLB less: 14 s instead of 23 s for 26 million items)
+    random.Random(seed).shuffle(memoryview(order))
     return order[:n1], order[n1:n2], order[n2:]
 
 
@@ -269,17 +269,17 @@ def encode_splits(items, parts, vocab):
     token_ids = token_reader(vocab)
     lengths = item_lengths(items)                               # (N,) in file order
     size = int(lengths.sum(dtype=np.int64)) + len(items) + len(parts)    # a boundary an item, and a last a split
-    streams = np.zeros(size, dtype=token_dtype(vocab.size))     # (size,) the splits' streams, one after another
     places = np.empty(len(items), dtype=index_dtype(size))      # (N,) where each item's first character goes
     splits, at = [], 0                                          # (where its stream starts, its boundaries)
     for part in parts:
         spans = np.add(lengths[part], 1, dtype=places.dtype)    # (n,) each item's boundary and characters
         bounds = np.zeros(len(part) + 1, dtype=places.dtype)    # (n + 1,)
         np.cumsum(spans, out=bounds[1:])
-        places[part] = bounds[:-1] + (at + 1)
+        places[part] = np.add(bounds[:-1], at + 1, out=spans)
         splits.append((at, bounds))
         at += int(bounds[-1]) + 1
     del spans
+    streams = np.zeros(size, dtype=token_dtype(vocab.size))     # (size,) the splits' streams, one after another
     for first in range(0, len(items), ENCODE_ITEMS):
         ids = token_ids("".join(items[first : first + ENCODE_ITEMS]))     # (L,) the block's characters
         if ids is None:
