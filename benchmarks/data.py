@@ -1,9 +1,9 @@
 """Data pipeline: encoding a corpus into token streams against today's list building, on a generated corpus.
 
 Writes `--mb` MB of name-like lines (lowercase words of 2 to 12 letters, names.txt's letter
-frequencies) into a temporary directory, loads it (load_corpus, timed), splits it, and then,
-each in a fresh subprocess so one's peak memory cannot hide the other's:
-- stream: data.encode_stream of the training split (what make_splits does);
+frequencies) into a temporary directory, loads it (load_corpus, timed) and splits it (split_items,
+timed), and then, each in a fresh subprocess so one's peak memory cannot hide the other's:
+- streams: data.encode_splits of every split (what make_splits does once the split is drawn);
 - lists: data.build_examples of the first `--list-mb` MB of the training split (the old way,
   Python lists of every window; the whole corpus would not fit), scaled per byte.
 Prints MB/s of text encoded and peak memory per byte of text, at `--block-size`: the larger of
@@ -26,34 +26,39 @@ import tempfile
 import time
 from pathlib import Path
 
-from handprop.data import load_corpus
+from handprop.data import load_corpus, split_items
 
 MB = 1 << 20
 WORKER = r"""
 import json, re, sys, time, tracemalloc
-from handprop.data import Vocab, build_examples, encode_stream, load_corpus, split_items
+from handprop.data import Vocab, build_examples, encode_splits, load_corpus, split_items, split_order
 path, how, block_size, list_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 corpus = load_corpus(path)
 vocab = Vocab.from_items(corpus.items)
-train = split_items(corpus.items)[0]
-if how == "lists":                          # the first list_bytes of text: the old way holds it all as lists
-    total, count = 0, 0
-    while count < len(train) and total < list_bytes:
-        total, count = total + len(train[count]) + 1, count + 1
-    train = train[:count]
-text_bytes = sum(map(len, train)) + len(train)          # characters and a newline each (names are ASCII)
+if how == "streams":                        # the whole corpus, every split
+    items, parts = corpus.items, split_order(len(corpus.items))
+    def encode():
+        return encode_splits(items, parts, vocab)
+else:                                       # the first list_bytes of the training split: the old way holds it all
+    items, total, count = split_items(corpus.items)[0], 0, 0
+    while count < len(items) and total < list_bytes:
+        total, count = total + len(items[count]) + 1, count + 1
+    items = items[:count]
+    def encode():
+        return build_examples(items, vocab, block_size)
+text_bytes = sum(map(len, items)) + len(items)          # characters and a newline each (names are ASCII)
 def kb(field):
     return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read())[1])
 open("/proc/self/clear_refs", "w").write("5")           # the peak resident size starts again from here
 before = kb("VmRSS")
 start = time.perf_counter()
-made = encode_stream(train, vocab) if how == "stream" else build_examples(train, vocab, block_size)
+made = encode()
 seconds = time.perf_counter() - start
 rss = (kb("VmHWM") - before) * 1024
 del made
 tracemalloc.start()                         # again, traced: numpy's and Python's allocations (not torch's)
-made = encode_stream(train, vocab) if how == "stream" else build_examples(train, vocab, block_size)
-traced = tracemalloc.get_traced_memory()[1] + (0 if how == "stream" else made[0].nbytes + made[1].nbytes)
+made = encode()
+traced = tracemalloc.get_traced_memory()[1] + (0 if how == "streams" else made[0].nbytes + made[1].nbytes)
 print(json.dumps({"bytes": text_bytes, "seconds": seconds, "peak": max(rss, traced)}))
 """
 
@@ -103,21 +108,24 @@ def main():
         corpus = load_corpus(path)
         print(f"load_corpus: {len(corpus.items)} items in {time.perf_counter() - start:.1f} s "
               f"({path.stat().st_size / MB / (time.perf_counter() - start):.0f} MB/s)")
+        start = time.perf_counter()
+        split_items(corpus.items)
+        print(f"split_items: {time.perf_counter() - start:.1f} s")
         del corpus
         best = {}
         for _ in range(args.repeats):
-            for how in ("stream", "lists"):
+            for how in ("streams", "lists"):
                 run = measure(path, how, args.block_size, args.list_mb * MB, args.threads)
                 rate, per_byte = run["bytes"] / MB / run["seconds"], run["peak"] / run["bytes"]
                 old = best.get(how)
                 best[how] = (max(rate, old[0]), min(per_byte, old[1]), run["bytes"]) if old else (rate, per_byte,
                                                                                                    run["bytes"])
-        for how, label in (("stream", "token stream (encode_stream)"), ("lists", "lists (build_examples)")):
+        for how, label in (("streams", "token streams (encode_splits)"), ("lists", "lists (build_examples)")):
             rate, per_byte, size = best[how]
             print(f"{label:30s} {size / MB:6.0f} MB of text: {rate:8.1f} MB/s, peak {per_byte:6.2f} bytes per byte")
-        print(f"ratio stream/lists: {best['stream'][0] / best['lists'][0]:.0f}x faster, "
-              f"{best['lists'][1] / best['stream'][1]:.0f}x less memory per byte (block size {args.block_size}; "
-              "the stream's memory does not depend on it)")
+        print(f"ratio streams/lists: {best['streams'][0] / best['lists'][0]:.0f}x faster, "
+              f"{best['lists'][1] / best['streams'][1]:.0f}x less memory per byte (block size {args.block_size}; "
+              "the streams' memory does not depend on it)")
         if args.train_steps:
             start = time.perf_counter()
             work_dir = Path(scratch) / "run"

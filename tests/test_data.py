@@ -1,11 +1,14 @@
 """The corpus, the vocabulary and the lectures' split, asserted exactly."""
 
 import hashlib
+import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from handprop import data
 from handprop.data import (
     MIN_ITEMS,
     Corpus,
@@ -13,10 +16,13 @@ from handprop.data import (
     build_examples,
     build_sequences,
     bundled_corpus_path,
+    encode_splits,
+    index_dtype,
     load_corpus,
     make_splits,
     sample_batch,
     split_items,
+    split_order,
 )
 from handprop.errors import UserError
 
@@ -192,9 +198,64 @@ def test_the_stream_is_a_byte_a_character_whatever_the_block_size():
     sizes = {}
     for block_size in (3, 8, 64):
         train = make_splits(load_corpus(), block_size).tensors["train"]
-        sizes[block_size] = train.stream.numel() * train.stream.element_size() + train.bounds.numel() * 8
-        assert train.stream.dtype == torch.uint8
-    assert sizes[3] == sizes[8] == sizes[64] == (182625 + 1) + (25626 + 1) * 8
+        sizes[block_size] = (train.stream.numel() * train.stream.element_size()
+                             + train.bounds.numel() * train.bounds.element_size())
+        assert train.stream.dtype == torch.uint8 and train.bounds.dtype == torch.int32
+    assert sizes[3] == sizes[8] == sizes[64] == (182625 + 1) + (25626 + 1) * 4
+
+
+def test_positions_are_four_bytes_while_they_fit():
+    assert index_dtype(2**31 - 1) == np.int32 and index_dtype(2**31) == np.int64
+
+
+def reference_stream(items, vocab):
+    """The token stream of items in their order, built one token at a time: [0, c1..cn, 0, ...], and its boundaries."""
+    stream, bounds = [0], [0]
+    for item in items:
+        stream += vocab.encode(item) + [0]
+        bounds.append(len(stream) - 1)
+    return stream, bounds
+
+
+def random_corpus(n, seed):
+    """n items of latin, latin-1, CJK and astral characters; every 97th is 1000 characters long, the most allowed."""
+    rng = random.Random(seed)
+    alphabet = "abcdefgh xyzéëßø日本語\U0001f600\U00020000"
+    return [rng.choice("ab") + "".join(rng.choices(alphabet, k=999 if i % 97 == 0 else rng.choice([0, 1, 4, 12])))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("corpus_items, block", [
+    (load_corpus().items, data.ENCODE_ITEMS),
+    (load_corpus().items, 1000),
+    (random_corpus(300, 0), 1),
+    (random_corpus(300, 0), 7),
+    (random_corpus(70000, 1), data.ENCODE_ITEMS),           # more items than a block
+    ([chr(0x100 + i) for i in range(400)] * 3, 64),         # 401 tokens: two bytes each
+    (["", "ab", "", "", "c", "d", ""] * 5, 3),              # empty items (a Corpus has none) start where the next does
+], ids=["names", "names-blocks", "unicode-blocks-of-1", "unicode-blocks-of-7", "unicode-70000", "wide-vocabulary",
+        "empty-items"])
+def test_the_streams_are_each_splits_shuffled_items_token_by_token(monkeypatch, corpus_items, block):
+    monkeypatch.setattr(data, "ENCODE_ITEMS", block)        # items encoded at a time: blocks end inside every split
+    vocab = Vocab.from_items(corpus_items)
+    streams = encode_splits(corpus_items, split_order(len(corpus_items)), vocab)
+    for items, (stream, bounds) in zip(split_items(corpus_items), streams, strict=True):
+        assert (stream.tolist(), bounds.tolist()) == reference_stream(items, vocab)
+        assert stream.dtype == (torch.uint8 if vocab.size <= 256 else torch.int16) and bounds.dtype == torch.int32
+
+
+def test_an_unknown_character_is_named_as_the_first_split_that_has_one_names_it():
+    items = ["anna", "zoë", "bob", "日本", "carl", "ë", "emma", "eve", "ian", "kim"]
+    for vocab in (Vocab.from_items(["anna", "bob", "carl", "emma", "eve", "ian", "kim"]),     # latin-1 only
+                  Vocab.from_items(["anna", "bob", "carl", "emma", "eve", "ian", "kim", "本", "ë"])):
+        train, val, test = split_items(items, 8)
+        unknown = [sorted({c for c in "".join(part) if c not in vocab.stoi}) for part in (train, val, test)]
+        first = next(chars for chars in unknown if chars)
+        assert len({tuple(chars) for chars in unknown if chars}) > 1     # the splits would name different ones
+        with pytest.raises(UserError) as error:
+            make_splits(Corpus(items, 0, "", ""), 3, seed=8, vocab=vocab)
+        assert str(error.value) == (f"characters not in the vocabulary: {''.join(first)!r} "
+                                    f"(known: {''.join(vocab.chars)!r})")
 
 
 def test_a_seeded_batch_draws_the_rows_sample_batch_draws():

@@ -1,18 +1,32 @@
 """Properties of the data layer that must hold for any corpus (hypothesis)."""
 
+import random
 from collections import Counter
+from unittest import mock
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handprop.data import Corpus, Vocab, build_examples, make_splits, split_items
+from handprop import data
+from handprop.data import (
+    Corpus,
+    Vocab,
+    build_examples,
+    encode_splits,
+    make_splits,
+    split_items,
+    split_lists,
+    split_order,
+)
 from handprop.errors import UserError
 
 # items are non-blank single lines of any characters (what load_corpus can hand on)
 item = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\x00"),
                min_size=1, max_size=12).filter(str.strip)
 items = st.lists(item, min_size=10, max_size=60)
+long_item = st.builds(lambda text, n: (text * 1000)[:n], item, st.integers(900, 1000))    # a line near the limit
 
 
 @given(st.text(st.characters(blacklist_categories=("Cs",)), min_size=1))
@@ -29,6 +43,27 @@ def test_splits_are_disjoint_and_cover_the_data(corpus_items, seed):
     assert Counter(train) + Counter(val) + Counter(test) == Counter(corpus_items)   # duplicates kept, none lost
     assert len(train) == int(0.8 * len(corpus_items)) and len(train) + len(val) == int(0.9 * len(corpus_items))
     assert train and val and test
+
+
+@given(items, st.integers(0, 2**32))
+def test_the_split_order_is_the_permutation_random_shuffle_applies(corpus_items, seed):
+    shuffled = list(corpus_items)
+    random.Random(seed).shuffle(shuffled)
+    parts = split_order(len(corpus_items), seed)
+    assert [item for part in split_lists(corpus_items, parts) for item in part] == shuffled
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(corpus_items)))   # each item once
+
+
+@settings(max_examples=50)
+@given(st.lists(item | long_item, min_size=10, max_size=60), st.integers(0, 2**32), st.integers(1, 70))
+def test_each_stream_is_its_splits_items_between_boundaries(corpus_items, seed, block):
+    vocab = Vocab.from_items(corpus_items)
+    with mock.patch.object(data, "ENCODE_ITEMS", block):    # items encoded at a time: blocks end anywhere
+        streams = encode_splits(corpus_items, split_order(len(corpus_items), seed), vocab)
+    for split_items_, (stream, bounds) in zip(split_items(corpus_items, seed), streams, strict=True):
+        tokens = [[0] + vocab.encode(text) for text in split_items_] + [[0]]
+        assert stream.tolist() == [t for item_tokens in tokens for t in item_tokens]
+        assert bounds.tolist() == [sum(map(len, tokens[:k])) for k in range(len(tokens))]
 
 
 @settings(max_examples=50)
