@@ -244,14 +244,17 @@ def test_the_streams_are_each_splits_shuffled_items_token_by_token(monkeypatch, 
         assert stream.dtype == (torch.uint8 if vocab.size <= 256 else torch.int16) and bounds.dtype == torch.int32
 
 
-def test_an_unknown_character_is_named_as_the_first_split_that_has_one_names_it():
+@pytest.mark.parametrize("block", [data.UNKNOWN_ITEMS, 3])
+def test_unknown_characters_are_named_as_the_first_block_in_split_order_that_has_one_names_them(monkeypatch, block):
+    monkeypatch.setattr(data, "UNKNOWN_ITEMS", block)
     items = ["anna", "zoë", "bob", "日本", "carl", "ë", "emma", "eve", "ian", "kim"]
     for vocab in (Vocab.from_items(["anna", "bob", "carl", "emma", "eve", "ian", "kim"]),     # latin-1 only
-                  Vocab.from_items(["anna", "bob", "carl", "emma", "eve", "ian", "kim", "本", "ë"])):
-        train, val, test = split_items(items, 8)
-        unknown = [sorted({c for c in "".join(part) if c not in vocab.stoi}) for part in (train, val, test)]
+                  Vocab.from_items(["anna", "bob", "carl", "emma", "eve", "ian", "kim", "本", "ë"]),
+                  Vocab.from_items(["anna", "bob", "carl", "emma", "eve", "ian"])):         # no k: the first block
+        blocks = [part[first : first + block] for part in split_items(items, 8) for first in range(0, len(part), block)]
+        unknown = [sorted({c for c in "".join(items) if c not in vocab.stoi}) for items in blocks]
+        assert len({tuple(chars) for chars in unknown if chars}) > 1     # the blocks would name different ones
         first = next(chars for chars in unknown if chars)
-        assert len({tuple(chars) for chars in unknown if chars}) > 1     # the splits would name different ones
         with pytest.raises(UserError) as error:
             make_splits(Corpus(items, 0, "", ""), 3, seed=8, vocab=vocab)
         assert str(error.value) == (f"characters not in the vocabulary: {''.join(first)!r} "

@@ -31,7 +31,8 @@ SPLIT_SEED = 42             # the lectures' random.seed(42) before shuffling the
 SPLIT_NAMES = ("train", "val", "test")
 IGNORED = -1                # target of a padding position in the sequence form: it has no loss
 FORMS = ("windows", "sequences")    # block_size characters of context -> the next one; whole items, padded
-ENCODE_ITEMS = 1 << 16      # items encoded at a time: their text, ids and places are the only temporaries
+ENCODE_ITEMS = 1 << 14      # items encoded at a time: their text, ids and targets stay in the caches
+UNKNOWN_ITEMS = 1 << 16     # items, in split order, whose unknown characters one error names
 
 
 def bundled_corpus_path():
@@ -298,11 +299,11 @@ def encode_splits(items, parts, vocab):
 
 
 def unknown_characters(items, parts, vocab):
-    """The UserError naming the characters the vocabulary lacks in the first block of ENCODE_ITEMS items, in split
+    """The UserError naming the characters the vocabulary lacks in the first block of UNKNOWN_ITEMS items, in split
     order, that has any."""
     for split in split_lists(items, parts):
-        for first in range(0, len(split), ENCODE_ITEMS):
-            vocab.encode("".join(split[first : first + ENCODE_ITEMS]))
+        for first in range(0, len(split), UNKNOWN_ITEMS):
+            vocab.encode("".join(split[first : first + UNKNOWN_ITEMS]))
 
 
 @dataclass
