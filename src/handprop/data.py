@@ -270,16 +270,17 @@ def encode_splits(items, parts, vocab):
     token_ids = token_reader(vocab)
     lengths = item_lengths(items)                               # (N,) in file order
     size = int(lengths.sum(dtype=np.int64)) + len(items) + len(parts)    # a boundary an item, and a last a split
-    places = np.empty(len(items), dtype=index_dtype(size))      # (N,) where each item's first character goes
+    places = np.empty(len(items), dtype=index_dtype(size))      # (N,) where each item's boundary goes
     splits, at = [], 0                                          # (where its stream starts, its boundaries)
     for part in parts:
-        spans = np.add(lengths[part], 1, dtype=places.dtype)    # (n,) each item's boundary and characters
-        bounds = np.zeros(len(part) + 1, dtype=places.dtype)    # (n + 1,)
-        np.cumsum(spans, out=bounds[1:])
-        places[part] = np.add(bounds[:-1], at + 1, out=spans)
+        bounds = np.empty(len(part) + 1, dtype=places.dtype)    # (n + 1,) in place, without temporaries:
+        bounds[0] = at
+        np.add(lengths[part], 1, out=bounds[1:], dtype=bounds.dtype)    # each item's boundary and characters,
+        np.cumsum(bounds, out=bounds)                           # their boundaries' places in streams,
+        places[part] = bounds[:-1]
+        bounds -= at                                            # and in the split's own stream
         splits.append((at, bounds))
         at += int(bounds[-1]) + 1
-    del spans
     streams = np.zeros(size, dtype=token_dtype(vocab.size))     # (size,) the splits' streams, one after another
     for first in range(0, len(items), ENCODE_ITEMS):
         ids = token_ids("".join(items[first : first + ENCODE_ITEMS]))     # (L,) the block's characters
@@ -287,7 +288,7 @@ def encode_splits(items, parts, vocab):
             unknown_characters(items, parts, vocab)
         counts = lengths[first : first + ENCODE_ITEMS]                    # (B,)
         starts = np.cumsum(counts, dtype=np.int64) - counts               # (B,) each item's first character in ids
-        shifts = places[first : first + ENCODE_ITEMS] - starts            # (B,) from there to its place in streams
+        shifts = places[first : first + ENCODE_ITEMS] + 1 - starts        # (B,) from there to after its boundary
         # each character's target is its position in ids plus its item's shift: a running sum of 1 a character
         # and, where an item starts, the change of shift (add.at: empty items share a start, their changes add up)
         targets = np.ones(len(ids) + 1, dtype=np.int64)                   # (L + 1,) the last for empty items' starts
