@@ -77,7 +77,7 @@ TRAIN_FLAGS = {"max_steps": ("--max-steps",), "batch_size": ("-b", "--batch-size
                "schedule": ("--schedule",), "lr_decay_at": ("--lr-decay-at",), "warmup": ("--warmup",),
                "min_lr": ("--min-lr",), "grad_clip": ("--grad-clip",), "optimizer": ("--optimizer",),
                "weight_decay": ("-w", "--weight-decay"), "seed": ("--seed",), "save_every": ("--save-every",),
-               "log_every": ("--log-every",)}
+               "log_every": ("--log-every",), "compile": ("--compile",)}
 
 
 def add_best(p):

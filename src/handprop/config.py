@@ -18,6 +18,8 @@ INITS = ("lecture", "naive")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")      # the lectures' single step decay; nanoGPT's warmup then cosine
 DEVICES = ("cpu", "cuda")
+COMPILE_MODES = ("auto", "on", "off")
+AUTO_COMPILE_STEPS = 5000   # --compile auto compiles runs this long or longer: compiling takes 5-60 s once
 
 
 def setting(default, help, low=None, high=None, choices=None):
@@ -67,6 +69,8 @@ class TrainConfig:
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay (adamw only)", 0.0, 1.0)
     seed: int = setting(2147483647, "seeds the init and the batch order (the lecture's generator seed)", 0, 2**63 - 1)
     device: str = setting("cpu", "where the tensors live", choices=DEVICES)
+    compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on; off, op by op; "
+                           f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES)
     log_every: int = setting(10_000, "steps between log lines when the output is not a terminal", 1, 10**9)
     save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9)
     diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9)
@@ -74,7 +78,7 @@ class TrainConfig:
 
 
 # settings a resumed run may change: how often it reports and saves, where it runs, and how far it goes
-RESUME_MAY_CHANGE = ("max_steps", "device", "log_every", "save_every", "diagnostics_every", "tensorboard")
+RESUME_MAY_CHANGE = ("max_steps", "device", "compile", "log_every", "save_every", "diagnostics_every", "tensorboard")
 
 
 def check_field(config, f):
@@ -152,7 +156,7 @@ def preset_config(base, **overrides):
 
 
 # settings added after the first checkpoints were written: one that lacks them ran with their default
-ADDED_SETTINGS = {"lookup_tables"}
+ADDED_SETTINGS = {"lookup_tables", "compile"}
 
 
 def config_from_dict(cls, saved, what):

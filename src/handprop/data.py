@@ -353,10 +353,13 @@ class Examples:
         """(block_size,) 1 .. block_size: a window's columns, numbered from 1 so that 0 can mean none."""
         return torch.arange(1, self.width + 1, device=self.stream.device)
 
+    def draw(self, batch_size, generator):
+        """The rows (batch_size,) of a minibatch drawn uniformly with replacement, on the stream's device."""
+        return torch.randint(0, len(self), (batch_size,), generator=generator).to(self.stream.device)
+
     def sample(self, batch_size, generator):
         """A minibatch drawn uniformly with replacement: the same draws, and rows, as sample_batch on the tensors."""
-        ix = torch.randint(0, len(self), (batch_size,), generator=generator)
-        return self.batch(ix.to(self.stream.device))
+        return self.batch(self.draw(batch_size, generator))
 
     def chunks(self, rows):
         """(X, Y) for consecutive runs of rows examples, in order: evaluation without holding the whole split."""

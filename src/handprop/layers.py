@@ -242,7 +242,7 @@ class BatchNorm1d(Layer):
         else:
             centred = x - self.running_mean
             var = self.running_var
-        self.inv_std = (var + self.eps) ** -0.5
+        self.inv_std = torch.rsqrt(var + self.eps)     # (var + eps)^-1/2; rsqrt, not pow: cheap when fused
         self.xhat = centred * self.inv_std      # same shape as x
         return self.weight * self.xhat + self.bias
 
@@ -439,9 +439,13 @@ class Dropout(Layer):
         Data parallel, the whole batch's mask is drawn and this process's rows kept: N processes drop
         what one process with the whole batch drops, and every generator stays in step."""
         shape = x.shape if self.rows is None else (self.rows[1], *x.shape[1:])
-        keep = torch.rand(shape, generator=self.generator, dtype=x.dtype, device=x.device) >= self.p
+        keep = self.uniform(shape, x.dtype, x.device) >= self.p
         keep = keep if self.rows is None else keep[self.rows[0]]
         return keep.to(x.dtype) / (1.0 - self.p)
+
+    def uniform(self, shape, dtype, device):
+        """Uniform noise in [0, 1) from the layer's generator (a compiled step draws it here, then hands it in)."""
+        return torch.rand(shape, generator=self.generator, dtype=dtype, device=device)
 
     def forward(self, x):
         self.mask = self.draw_mask(x) if self.training and self.p > 0 else None   # same shape as x

@@ -47,7 +47,8 @@ def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns that norm before clipping."""
     # torch.nn.utils.clip_grad_norm_'s semantics, computed on the device: no .item(), so no host sync
     grads = list(grads.values())
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))     # 0-d tensor
+    # each gradient's norm, then theirs (torch._foreach_norm's arithmetic; a compiled step calls this one from C++)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))  # 0-d tensor
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)                            # exactly 1 when not clipping
     torch._foreach_mul_(grads, scale)
     return total
@@ -56,12 +57,27 @@ def clip_grad_norm(grads, max_norm):
 class SGD:
     """p <- p - lr * dp."""
 
+    NUMBERS = ("lr",)                           # what next_numbers returns, in order
+
     def __init__(self, params):
         self.params = params                    # {name: tensor}, updated in place
 
     def step(self, grads, lr):
-        # p -= lr * dp for every parameter, in one fused call (torch.optim's foreach path)
-        torch._foreach_add_(list(self.params.values()), [grads[name] for name in self.params], alpha=-lr)
+        self.update(grads, *self.next_numbers(lr))
+
+    def next_numbers(self, lr):
+        """The next step's numbers, computed on the host (a compiled step takes them as tensors)."""
+        return (lr,)
+
+    def update(self, grads, lr):
+        # -lr * dp, then added, rounded as the lecture's p.data += -lr * p.grad; one fused call each
+        # (torch.optim's foreach path); lr may be a number or a 0-d tensor
+        steps = torch._foreach_mul([grads[name] for name in self.params], -lr)
+        torch._foreach_add_(list(self.params.values()), steps)
+
+    def tensors(self):
+        """The tensors update() reads and writes besides the parameters and gradients."""
+        return []
 
     def state_dict(self):
         return {}, {}                           # (tensors, plain numbers): plain SGD has no state
@@ -77,6 +93,8 @@ class AdamW:
     instead of a dozen per parameter; self.m and self.v name views of them, one per parameter.
     """
 
+    NUMBERS = ("step_size", "v_correction", "decay")     # what next_numbers returns, in order
+
     def __init__(self, params, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, decayed=None):
         self.params, self.betas, self.eps, self.weight_decay = params, betas, eps, weight_decay
         self.names = list(params)
@@ -86,7 +104,7 @@ class AdamW:
         first = next(iter(params.values()))
         self.flat_m, self.flat_v, self.flat_grad, self.flat_update = (
             first.new_zeros(total) for _ in range(4))                       # (P,) each, every parameter end to end
-        self.m, self.v, self.update = self.views(self.flat_m), self.views(self.flat_v), self.views(self.flat_update)
+        self.m, self.v = self.views(self.flat_m), self.views(self.flat_v)     # for saving and loading
         self.t = 0
 
     def views(self, flat):
@@ -95,19 +113,32 @@ class AdamW:
         return {k: part.view(self.params[k].shape) for k, part in zip(self.names, flat.split(sizes), strict=True)}
 
     def step(self, grads, lr):
-        # torch.optim.AdamW's update (its single-tensor path), on the flat buffers
+        self.update(grads, *self.next_numbers(lr))
+
+    def next_numbers(self, lr):
+        """Counts the step; its numbers, computed on the host (a compiled step takes them as tensors):
+        lr / (1 - b1^t), the bias correction of m folded in; sqrt(1 - b2^t), v's; the weight decay's factor."""
         self.t += 1
+        b1, b2 = self.betas
+        return lr / (1 - b1**self.t), math.sqrt(1 - b2**self.t), 1 - lr * self.weight_decay
+
+    def update(self, grads, step_size, v_correction, decay):
+        # torch.optim.AdamW's update (its single-tensor path), on the flat buffers; the numbers may be 0-d tensors
         b1, b2 = self.betas
         g = torch.cat([grads[k].reshape(-1) for k in self.names], out=self.flat_grad)     # (P,)
         self.flat_m.lerp_(g, 1 - b1)                                    # m <- b1 m + (1 - b1) g
         self.flat_v.mul_(b2).addcmul_(g, g, value=1 - b2)               # v <- b2 v + (1 - b2) g^2
         # update = lr m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
-        denom = torch.sqrt(self.flat_v, out=self.flat_update).div_(math.sqrt(1 - b2**self.t)).add_(self.eps)
-        torch.div(self.flat_m, denom, out=self.flat_update).mul_(lr / (1 - b1**self.t))
+        denom = torch.sqrt(self.flat_v, out=self.flat_update).div_(v_correction).add_(self.eps)
+        torch.div(self.flat_m, denom, out=self.flat_update).mul_(step_size)
         if self.decayed and self.weight_decay:
-            torch._foreach_mul_(self.decayed, 1 - lr * self.weight_decay)   # decay the weights, not the gradient
+            torch._foreach_mul_(self.decayed, decay)                    # decay the weights, not the gradient
         params = [self.params[k] for k in self.names]
-        torch._foreach_sub_(params, [self.update[k] for k in self.names])  # p <- p - update
+        torch._foreach_sub_(params, list(self.views(self.flat_update).values()))  # p <- p - update
+
+    def tensors(self):
+        """The tensors update() reads and writes besides the parameters and gradients."""
+        return [self.flat_m, self.flat_v, self.flat_grad, self.flat_update]
 
     def state_dict(self):
         tensors = {f"m.{k}": v for k, v in self.m.items()} | {f"v.{k}": v for k, v in self.v.items()}

@@ -26,6 +26,7 @@ from .checkpoint import (
     tensors_digest,
     write_readable_config,
 )
+from .compiled import CompiledStep, compile_obstacle, compile_wanted
 from .data import IGNORED, SPLIT_NAMES, check_sequence_length, make_splits
 from .diagnostics import NoDiagnostics, start_diagnostics
 from .distributed import ALONE, RankLost, World
@@ -225,13 +226,12 @@ def resume_hint(work_dir):
 
 
 @contextmanager
-def stop_at_once(work_dir, step):
+def stop_at_once(work_dir, step, during="during the final evaluation"):
     """While active, SIGINT and SIGTERM stop at once: the checkpoint at step is already saved."""
 
     def stop(signum):
         name = signal.Signals(signum).name
-        raise Interrupted(signum, f"{name} during the final evaluation: the checkpoint at step {step} is kept; "
-                                  + resume_hint(work_dir))
+        raise Interrupted(signum, f"{name} {during}: the checkpoint at step {step} is kept; " + resume_hint(work_dir))
 
     with signal_handler(stop):
         yield
@@ -354,6 +354,7 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
         # prepare: the data and the run, every input checked before the first file is written
         splits, run = prepare(corpus, model_config, config, resume_from)
         first_step = run.step
+        compile_wanted(config, compile_obstacle(config, world.size, config.diagnostics_every > 0))  # refused early
         run.world = world
         world.attach(run.model, config.batch_size)
         world.check_same(run.digest)
@@ -398,29 +399,34 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
     criterion = loss_for(run.spec.model_config.form)
     schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
                              config.min_lr)
-    progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
     examples = splits.tensors["train"]
+    compiled = compiled_step(run, examples, work_dir, out)
+    progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
     with stop_requests() as stop:
         while run.step < config.max_steps:
             lr = schedule(run.step)
             diagnostics.begin(run.step)
-            # batch: the global batch, the same on every rank; this rank's rows and its weight in the mean loss
-            Xb, Yb = examples.sample(config.batch_size, run.generator)
-            Xb, Yb, share = run.world.shard(Xb, Yb)
-            # forward
-            loss = criterion.forward(run.model.forward(Xb), Yb)
-            # backward, every gradient by hand; then summed over the ranks with the loss and any stop request
-            run.model.backward(criterion.backward(share))
-            loss, agreed = run.world.all_reduce(run.model.grads, loss * share, bool(stop))
+            if compiled:                    # the same step in one compiled graph: the rows drawn here, as below
+                loss, agreed = compiled(examples.draw(config.batch_size, run.generator), lr).item(), bool(stop)
+            else:
+                # batch: the global batch, the same on every rank; this rank's rows and its weight in the mean loss
+                Xb, Yb = examples.sample(config.batch_size, run.generator)
+                Xb, Yb, share = run.world.shard(Xb, Yb)
+                # forward
+                loss = criterion.forward(run.model.forward(Xb), Yb)
+                # backward, every gradient by hand; then summed over the ranks with the loss and any stop request
+                run.model.backward(criterion.backward(share))
+                loss, agreed = run.world.all_reduce(run.model.grads, loss * share, bool(stop))
             if not math.isfinite(loss):     # a host sync: the batch's loss is checked and logged
                 raise UserError(f"the loss became {loss} at step {run.step}: the learning rate ({lr:g}) is probably "
                                 f"too high; the last good checkpoint (step {run.saved_step}) is kept in {work_dir}")
-            if config.grad_clip:
-                clip_grad_norm(run.model.grads, config.grad_clip)
-            diagnostics.after_backward()
-            # update
-            run.optimizer.step(run.model.grads, lr)
-            diagnostics.after_update(run.step, loss)
+            if not compiled:
+                if config.grad_clip:
+                    clip_grad_norm(run.model.grads, config.grad_clip)
+                diagnostics.after_backward()
+                # update
+                run.optimizer.step(run.model.grads, lr)
+                diagnostics.after_update(run.step, loss)
             run.step += 1
             # save: every save_every steps, at the last step, and before stopping when asked to (on any rank)
             stopping = run.world.stopping(stop, agreed)     # read once: a signal may land between the two uses below
@@ -433,6 +439,30 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
                 raise stopped(stop[0] if stop else signal.SIGTERM, run, work_dir)   # another rank was asked
         if stop:                            # it came during the last step's save: stop before the final phase
             raise stopped(stop[0], run, work_dir)
+
+
+def compiled_step(run, examples, work_dir, out):
+    """The run's compiled step (compiled.py) when it takes one, else None (the eager step); says which."""
+    config = run.spec.train_config
+    obstacle = compile_obstacle(config, run.world.size, config.diagnostics_every > 0)
+    if not compile_wanted(config, obstacle):
+        return None
+    out.write("compiling the training step (once: 5 s to a minute) ... ")
+    criterion = loss_for(run.spec.model_config.form)
+    try:
+        with stop_at_once(work_dir, run.step, "while compiling the training step"):
+            step = CompiledStep(run.model, run.optimizer, criterion, examples, config.batch_size, config.grad_clip)
+    except Interrupted:
+        out.write("stopped\n")
+        raise
+    except Exception as e:                  # no C++ compiler, an older torch: the eager step does the same arithmetic
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if config.compile == "on":
+            raise UserError(f"could not compile the training step ({reason}); train with --compile off") from None
+        out.write(f"failed ({reason}): training op by op\n")
+        return None
+    out.write(f"done in {step.seconds:.0f} s\n")
+    return step
 
 
 def stopped(signum, run, work_dir):
