@@ -19,7 +19,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")      # the lectures' single step decay; nanoGPT's warmup then cosine
 DEVICES = ("cpu", "cuda")
 COMPILE_MODES = ("auto", "on", "off")
-AUTO_COMPILE_STEPS = 5000   # --compile auto compiles runs this long or longer: compiling takes 5-60 s once
+AUTO_COMPILE_STEPS = 10_000     # --compile auto compiles runs this long or longer: compiling takes 5-60 s, once
 
 
 def setting(default, help, low=None, high=None, choices=None):

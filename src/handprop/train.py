@@ -226,12 +226,13 @@ def resume_hint(work_dir):
 
 
 @contextmanager
-def stop_at_once(work_dir, step, during="during the final evaluation"):
+def stop_at_once(work_dir, step):
     """While active, SIGINT and SIGTERM stop at once: the checkpoint at step is already saved."""
 
     def stop(signum):
         name = signal.Signals(signum).name
-        raise Interrupted(signum, f"{name} {during}: the checkpoint at step {step} is kept; " + resume_hint(work_dir))
+        raise Interrupted(signum, f"{name} during the final evaluation: the checkpoint at step {step} is kept; "
+                                  + resume_hint(work_dir))
 
     with signal_handler(stop):
         yield
@@ -372,11 +373,12 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
 
             diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss) if world.is_main \
                 else NoDiagnostics()
+            compiled = compiled_step(run, splits.tensors["train"], work_dir, out)     # before the first save
             if run.saved_step is None:      # from step 0 on there is always a checkpoint to resume
                 run.save_latest(work_dir, val_loss(), diagnostics)
             # the loop, which saves its last step: the trained weights are on disk before the final phase
             try:
-                run_steps(run, splits, work_dir, out, diagnostics, val_loss)
+                run_steps(run, splits, work_dir, out, diagnostics, val_loss, compiled)
             except RankLost as e:
                 raise RankLost(f"{e} at step {run.step}; the last checkpoint (step {run.saved_step}) is kept in "
                                f"{work_dir}; {resume_hint(work_dir)}") from None
@@ -393,14 +395,14 @@ def wall_time(seconds, steps):
     return f"wall time {f'{minutes} min {rest} s' if minutes else f'{seconds:.1f} s'} for {steps} steps"
 
 
-def run_steps(run, splits, work_dir, out, diagnostics, val_loss):
-    """The optimisation loop from run.step to max_steps, saving every save_every steps, at the last, and to stop."""
+def run_steps(run, splits, work_dir, out, diagnostics, val_loss, compiled=None):
+    """The optimisation loop from run.step to max_steps, saving every save_every steps, at the last, and to stop;
+    compiled: the run's CompiledStep, else each step is taken op by op."""
     config = run.spec.train_config
     criterion = loss_for(run.spec.model_config.form)
     schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
                              config.min_lr)
     examples = splits.tensors["train"]
-    compiled = compiled_step(run, examples, work_dir, out)
     progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
     with stop_requests() as stop:
         while run.step < config.max_steps:
@@ -449,8 +451,14 @@ def compiled_step(run, examples, work_dir, out):
         return None
     out.write("compiling the training step (once: 5 s to a minute) ... ")
     criterion = loss_for(run.spec.model_config.form)
+
+    def stop(signum):                       # at once: a compile can take a minute, and nothing is lost
+        kept = (f"the checkpoint at step {run.saved_step} is kept; {resume_hint(work_dir)}"
+                if run.saved_step is not None else "nothing was saved yet")
+        raise Interrupted(signum, f"{signal.Signals(signum).name} while compiling the training step: {kept}")
+
     try:
-        with stop_at_once(work_dir, run.step, "while compiling the training step"):
+        with signal_handler(stop):
             step = CompiledStep(run.model, run.optimizer, criterion, examples, config.batch_size, config.grad_clip)
     except Interrupted:
         out.write("stopped\n")
