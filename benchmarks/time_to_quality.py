@@ -1,15 +1,16 @@
 """Time to quality: seconds of training until the fast recipe reaches val 2.10 and 2.00, by hand and by autograd.
 
 The recipe is `handprop train --model mlp-fast` (models.PRESETS and RECIPES): a wider MLP
-over 8 characters of context with AdamW, batch 512, warmup and cosine decay. Both runs start
-from the same init and draw the same batches. The hand-written run is train.run_steps' step
-(forward, backward, update, all by hand, autograd off); the baseline computes the same model's
-gradients with loss.backward() through the autograd twins (gradcheck.twin_forward) and updates
-with torch.optim.AdamW, as a plain PyTorch script would. The clock runs only while training:
-every `--eval-every` steps it stops, the full val split is scored, and the first time each
-target is reached is recorded. The two take turns (`--repeats` turns each, the best time to
-each target counts), so a noisy spell hits both alike. Prints, per target, seconds and steps
-for each and how many times sooner the hand-written run gets there.
+over 8 characters of context with AdamW, batch 512, warmup and cosine decay. Every run starts
+from the same init and draws the same batches. The hand-written runs are train.run_steps' step
+(forward, backward, update, all by hand, autograd off), eager ("hand") and compiled as
+`--compile on` trains ("compiled": compiling is not on the clock, and is printed); the baseline
+computes the same model's gradients with loss.backward() through the autograd twins
+(gradcheck.twin_forward) and updates with torch.optim.AdamW, as a plain PyTorch script would.
+The clock runs only while training: every `--eval-every` steps it stops, the full val split is
+scored, and the first time each target is reached is recorded. They take turns (`--repeats` turns each, the best time to
+each target counts), so a noisy spell hits all alike. Prints, per target, seconds and steps
+for each and how many times sooner each hand-written run gets there than autograd.
 
     python benchmarks/time_to_quality.py [--threads 2] [--repeats 2] [--eval-every 100]
 """
@@ -20,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from handprop.compiled import CompiledStep
 from handprop.data import load_corpus
 from handprop.gradcheck import twin_forward
 from handprop.models import PRESETS, count_parameters, describe, preset, recipe
@@ -40,6 +42,19 @@ def hand_trainer(run, examples):
             criterion.forward(run.model.forward(Xb), Yb)
             run.model.backward(criterion.backward())
             run.optimizer.step(run.model.grads, lr)
+    return step
+
+
+def compiled_trainer(run, examples):
+    """The same step compiled (compiled.CompiledStep, as --compile on trains); compiling is not clocked."""
+    config = run.spec.train_config
+    compiled = CompiledStep(run.model, run.optimizer, loss_for(run.spec.model_config.form), examples,
+                            config.batch_size, config.grad_clip)
+    print(f"  (compiled in {compiled.seconds:.1f} s, not counted)", flush=True)
+
+    def step(lr):
+        with torch.inference_mode():
+            compiled(examples.draw(config.batch_size, run.generator), lr)
     return step
 
 
@@ -96,7 +111,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="turns each; the best time to each target counts")
     p.add_argument("--eval-every", type=int, default=100, help="steps between scorings of the val split")
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
-    p.add_argument("--only", choices=("hand", "autograd"), default=None, help="run one of the two (for probing)")
+    p.add_argument("--only", choices=("compiled", "hand", "autograd"), default=None,
+                   help="run one of them (for probing)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     config = recipe(args.model)
@@ -105,7 +121,7 @@ def main():
     print(f"model {args.model}: {describe(first.spec.model_config)}, {count_parameters(first.model)} parameters")
     print(f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g}, warmup {config.warmup}, cosine over "
           f"{config.max_steps} steps; {torch.get_num_threads()} threads, best of {args.repeats} turns")
-    contenders = {"hand": hand_trainer, "autograd": autograd_trainer}
+    contenders = {"compiled": compiled_trainer, "hand": hand_trainer, "autograd": autograd_trainer}
     if args.only:
         contenders = {args.only: contenders[args.only]}
     best = {name: {} for name in contenders}
@@ -121,8 +137,9 @@ def main():
         cells = {name: (f"{best[name][t][0]:6.1f} s (step {best[name][t][1]})" if t in best[name] else "not reached")
                  for name in contenders}
         line = f"val <= {t:.2f}: " + " | ".join(f"{name} {cell}" for name, cell in cells.items())
-        if all(t in best[name] for name in ("hand", "autograd") if name in contenders) and len(contenders) == 2:
-            line += f" | hand {best['autograd'][t][0] / best['hand'][t][0]:.2f}x sooner"
+        if "autograd" in contenders and t in best["autograd"]:
+            line += "".join(f" | {name} {best['autograd'][t][0] / best[name][t][0]:.2f}x sooner"
+                            for name in contenders if name != "autograd" and t in best[name])
         print(line)
 
 
