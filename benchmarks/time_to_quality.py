@@ -111,8 +111,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="turns each; the best time to each target counts")
     p.add_argument("--eval-every", type=int, default=100, help="steps between scorings of the val split")
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
-    p.add_argument("--only", choices=("compiled", "hand", "autograd"), default=None,
-                   help="run one of them (for probing)")
+    p.add_argument("--only", nargs="+", choices=("compiled", "hand", "autograd"), default=None,
+                   help="run only these contenders")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     config = recipe(args.model)
@@ -123,7 +123,7 @@ def main():
           f"{config.max_steps} steps; {torch.get_num_threads()} threads, best of {args.repeats} turns")
     contenders = {"compiled": compiled_trainer, "hand": hand_trainer, "autograd": autograd_trainer}
     if args.only:
-        contenders = {args.only: contenders[args.only]}
+        contenders = {name: make for name, make in contenders.items() if name in args.only}
     best = {name: {} for name in contenders}
     for turn in range(args.repeats):
         for name, make_step in contenders.items():
