@@ -1,5 +1,7 @@
 """The compiled training step (compiled.py) takes the same steps as the eager one, in float64, for every model."""
 
+import signal
+
 import pytest
 import torch
 from cli_runner import run_main
@@ -9,7 +11,7 @@ from handprop.data import Corpus, make_splits
 from handprop.layers import Dropout, walk
 from handprop.models import build_model, preset, recipe
 from handprop.optim import SGD, clip_grad_norm, make_optimizer
-from handprop.train import loss_for
+from handprop.train import Interrupted, interruption, loss_for
 
 # every model of the README's table, made small where compiling it would take long (unrolled steps, blocks)
 MODELS = {"mlp": {}, "wavenet": {}, "mlp-fast": {}, "bigram": {}, "rnn": {"n_hidden": 16},
@@ -139,3 +141,15 @@ def test_a_compiled_run_resumes_exactly(tmp_path, capsys):
     code, resumed, _ = run_main(["train", "-o", tmp_path / "split", "--resume", *flags], capsys)
     assert code == 0 and "resuming at step 20" in resumed
     assert straight.splitlines()[-1] == resumed.splitlines()[-1]    # train / val / test losses, to the digit
+
+
+def test_a_stop_inside_the_compiler_is_still_a_stop():
+    # Ctrl-C while Inductor runs gcc comes back wrapped in Inductor's own error: it must stop the run, not fall back
+    try:
+        try:
+            raise Interrupted(signal.SIGINT, "SIGINT while compiling the training step: nothing was saved yet")
+        except Interrupted as stop:
+            raise RuntimeError("C++ compile error") from stop
+    except RuntimeError as wrapped:
+        assert interruption(wrapped).signum == signal.SIGINT
+    assert interruption(RuntimeError("no C++ compiler")) is None

@@ -460,10 +460,11 @@ def compiled_step(run, examples, work_dir, out):
     try:
         with signal_handler(stop):
             step = CompiledStep(run.model, run.optimizer, criterion, examples, config.batch_size, config.grad_clip)
-    except Interrupted:
-        out.write("stopped\n")
-        raise
     except Exception as e:                  # no C++ compiler, an older torch: the eager step does the same arithmetic
+        interrupted = interruption(e)       # the stop, perhaps wrapped by Inductor in its own error
+        if interrupted:
+            out.write("stopped\n")
+            raise Interrupted(interrupted.signum, str(interrupted).splitlines()[0]) from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if config.compile == "on":
             raise UserError(f"could not compile the training step ({reason}); train with --compile off") from None
@@ -471,6 +472,17 @@ def compiled_step(run, examples, work_dir, out):
         return None
     out.write(f"done in {step.seconds:.0f} s\n")
     return step
+
+
+def interruption(error):
+    """The Interrupted that error is or was raised from (Inductor wraps what a step of its work raises), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__ or getattr(error, "inner_exception", None)
+    return None
 
 
 def stopped(signum, run, work_dir):
