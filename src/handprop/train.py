@@ -27,6 +27,7 @@ from .checkpoint import (
     write_readable_config,
 )
 from .compiled import CompiledStep, compile_obstacle, compile_wanted
+from .config import AUTO_COMPILE_STEPS
 from .data import IGNORED, SPLIT_NAMES, check_sequence_length, make_splits
 from .diagnostics import NoDiagnostics, start_diagnostics
 from .distributed import ALONE, RankLost, World
@@ -448,6 +449,8 @@ def compiled_step(run, examples, work_dir, out):
     config = run.spec.train_config
     obstacle = compile_obstacle(config, run.world.size, config.diagnostics_every > 0)
     if not compile_wanted(config, obstacle):
+        if config.compile == "auto" and obstacle and config.max_steps >= AUTO_COMPILE_STEPS:
+            out.write(f"training op by op, not compiled: {obstacle}\n")    # long enough, but it cannot be
         return None
     out.write("compiling the training step (once: 5 s to a minute) ... ")
     criterion = loss_for(run.spec.model_config.form)
