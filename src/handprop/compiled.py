@@ -34,12 +34,17 @@ def compile_obstacle(config, world_size, diagnostics):
     return None
 
 
+def long_enough(config):
+    """Whether --compile auto would compile this run, obstacles aside: compiling takes seconds, once."""
+    return config.max_steps >= AUTO_COMPILE_STEPS
+
+
 def compile_wanted(config, obstacle):
     """Whether to compile the step: --compile on (an obstacle is then an error), or auto on a long enough run."""
     if config.compile == "on" and obstacle:
         raise UserError(f"--compile on: {obstacle}; use --compile auto or off")
     if config.compile == "auto":
-        return obstacle is None and config.max_steps >= AUTO_COMPILE_STEPS
+        return obstacle is None and long_enough(config)
     return config.compile == "on"
 
 
@@ -63,7 +68,7 @@ class CompiledStep:
         handed = []     # the noise the traced step hands its dropout layers, in the order they draw
 
         def step(ix, numbers, *noise_and_state):    # the layers and the optimiser reach the state themselves
-            handed[:] = noise_and_state[: len(self.draws)]
+            handed[:] = noise_and_state[: len(noise_and_state) - len(self.state)]
             X, Y = examples.batch(ix)
             loss = criterion.forward(model.forward(X), Y)
             model.backward(criterion.backward())
@@ -76,7 +81,6 @@ class CompiledStep:
         numbers = torch.ones(len(optimizer.NUMBERS), dtype=self.dtype)
         started = time.perf_counter()
         try:
-            self.draws = []         # none yet: the step below records them
             self.draws = noise_draws(self.dropouts, lambda: step(ix, numbers), self.state)
             noise = [torch.rand(shape, dtype=dtype) for _, shape, dtype in self.draws]
             for layer in self.dropouts:

@@ -134,7 +134,8 @@ class AdamW:
         if self.decayed and self.weight_decay:
             torch._foreach_mul_(self.decayed, decay)                    # decay the weights, not the gradient
         params = [self.params[k] for k in self.names]
-        torch._foreach_sub_(params, list(self.views(self.flat_update).values()))  # p <- p - update
+        # p <- p - update; the views are made here, each step: one made once would be frozen into a compiled step
+        torch._foreach_sub_(params, list(self.views(self.flat_update).values()))
 
     def tensors(self):
         """The tensors update() reads and writes besides the parameters and gradients."""

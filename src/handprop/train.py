@@ -26,8 +26,7 @@ from .checkpoint import (
     tensors_digest,
     write_readable_config,
 )
-from .compiled import CompiledStep, compile_obstacle, compile_wanted
-from .config import AUTO_COMPILE_STEPS
+from .compiled import CompiledStep, compile_obstacle, compile_wanted, long_enough
 from .data import IGNORED, SPLIT_NAMES, check_sequence_length, make_splits
 from .diagnostics import NoDiagnostics, start_diagnostics
 from .distributed import ALONE, RankLost, World
@@ -356,7 +355,9 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
         # prepare: the data and the run, every input checked before the first file is written
         splits, run = prepare(corpus, model_config, config, resume_from)
         first_step = run.step
-        compile_wanted(config, compile_obstacle(config, world.size, config.diagnostics_every > 0))  # refused early
+        # the compiled step or not, decided (and --compile on's conflicts refused) before anything is written
+        obstacle = compile_obstacle(config, world.size, config.diagnostics_every > 0)
+        wanted = compile_wanted(config, obstacle)
         run.world = world
         world.attach(run.model, config.batch_size)
         world.check_same(run.digest)
@@ -374,7 +375,11 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
 
             diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss) if world.is_main \
                 else NoDiagnostics()
-            compiled = compiled_step(run, splits.tensors["train"], work_dir, out)     # before the first save
+            compiled = None                 # before the first save: a failed --compile on leaves no run behind
+            if wanted:
+                compiled = compiled_step(run, splits.tensors["train"], work_dir, out)
+            elif config.compile == "auto" and long_enough(config):
+                out.write(f"training op by op, not compiled: {obstacle}\n")    # long enough, but it cannot be
             if run.saved_step is None:      # from step 0 on there is always a checkpoint to resume
                 run.save_latest(work_dir, val_loss(), diagnostics)
             # the loop, which saves its last step: the trained weights are on disk before the final phase
@@ -445,13 +450,8 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss, compiled=None):
 
 
 def compiled_step(run, examples, work_dir, out):
-    """The run's compiled step (compiled.py) when it takes one, else None (the eager step); says which."""
+    """The run's compiled step (compiled.py), or None where compiling failed under --compile auto (the eager step)."""
     config = run.spec.train_config
-    obstacle = compile_obstacle(config, run.world.size, config.diagnostics_every > 0)
-    if not compile_wanted(config, obstacle):
-        if config.compile == "auto" and obstacle and config.max_steps >= AUTO_COMPILE_STEPS:
-            out.write(f"training op by op, not compiled: {obstacle}\n")    # long enough, but it cannot be
-        return None
     out.write("compiling the training step (once: 5 s to a minute) ... ")
     criterion = loss_for(run.spec.model_config.form)
 
