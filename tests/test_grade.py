@@ -15,9 +15,9 @@ import torch
 
 from handprop.cli import main
 from handprop.errors import UserError
-from handprop.grade import grade, grade_script, shape_problem
-from handprop.learner import run_learner
-from handprop.lecture import GRADIENT_NAMES, lecture_setup
+from handprop.ninja.grade import grade, grade_script, shape_problem
+from handprop.ninja.learner import run_learner
+from handprop.ninja.lecture import GRADIENT_NAMES, lecture_setup
 
 SOLUTION = Path(__file__).parent / "fixtures" / "ninja" / "solution.py"
 
@@ -322,8 +322,8 @@ def test_cli_grade_missing_or_crashing_script_is_one_line(tmp_path, capsys):
 
 def test_a_script_runs_as_if_started_by_python(tmp_path, capsys):
     """Its own folder is on sys.path (a sibling module imports) and sys.argv is [its path]; both restored after."""
-    (tmp_path / "ninja_sibling_helper.py").write_text("from handprop.lecture import lecture_setup\n")
-    source = SOLUTION.read_text().replace("from handprop.lecture import", "from ninja_sibling_helper import")
+    (tmp_path / "ninja_sibling_helper.py").write_text("from handprop.ninja.lecture import lecture_setup\n")
+    source = SOLUTION.read_text().replace("from handprop.ninja.lecture import", "from ninja_sibling_helper import")
     script = tmp_path / "solution.py"
     script.write_text("import sys\nseen_argv = list(sys.argv)\n" + source)
     path_before, argv_before, main_before = list(sys.path), list(sys.argv), sys.modules["__main__"]

@@ -8,24 +8,38 @@ import handprop
 PACKAGE = Path(handprop.__file__).parent
 
 
-def internal_imports(path):
-    """The handprop modules a module's source imports, anywhere in it (a lazy import inside a function counts too)."""
+def module_name(path):
+    """A module's dotted name inside the package: 'train', 'ninja.grade' ('ninja' for ninja/__init__.py)."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def internal_imports(path, modules, package=()):
+    """The modules of `modules` a source file imports, anywhere in it (a lazy import inside a function counts too).
+
+    Names are dotted from the package's root ('ninja.grade'); `package` is the file's own package, which
+    relative imports start from (('ninja',) for ninja/grade.py).
+    """
+    package = list(package)
     imported = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level == 1 or base.split(".")[0] == "handprop":
-                base = base.removeprefix("handprop").strip(".")
-                # `from . import x` and `from handprop import x` name modules; `from .x import y` names one
-                imported |= {alias.name for alias in node.names} if not base else {base.split(".")[0]}
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            elif (node.module or "").split(".")[0] == "handprop":
+                base = node.module.removeprefix("handprop").strip(".")
+            else:
+                continue
+            imported |= {f"{base}.{a.name}".strip(".") for a in node.names} | {base}
         elif isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[1] for a in node.names if a.name.startswith("handprop.")}
-    return imported
+            imported |= {a.name.removeprefix("handprop.") for a in node.names if a.name.startswith("handprop.")}
+    return imported & set(modules)
 
 
 def import_graph():
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    return {p.stem: internal_imports(p) & modules for p in sorted(PACKAGE.glob("*.py"))}
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): internal_imports(p, modules, p.relative_to(PACKAGE).parent.parts) for p in paths}
 
 
 def find_cycle(graph):
@@ -55,7 +69,10 @@ def test_every_form_of_import_is_seen(tmp_path):
         "import torch\nimport handprop.layers\nfrom . import data, models\nfrom .losses import CrossEntropy\n"
         "from handprop.optim import SGD\nfrom handprop import sample\n\ndef later():\n    from .report import x\n"
     )
-    assert internal_imports(source) == {"layers", "data", "models", "losses", "optim", "sample", "report"}
+    modules = {"layers", "data", "models", "losses", "optim", "sample", "report", "train", "ninja", "ninja.grade"}
+    assert internal_imports(source, modules) == {"layers", "data", "models", "losses", "optim", "sample", "report"}
+    source.write_text("from .. import train\nfrom ..data import Vocab\nfrom .grade import grade\n")
+    assert internal_imports(source, modules, ("ninja",)) == {"train", "data", "ninja.grade"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -66,5 +83,5 @@ def test_no_module_of_the_package_imports_itself_back():
 
 def test_the_grader_and_the_exercises_both_stand_on_the_lecture():
     graph = import_graph()
-    assert "lecture" in graph["grade"] and "ninja" not in graph["grade"]
-    assert graph["lecture"] <= {"data", "models"}
+    assert "ninja.lecture" in graph["ninja.grade"] and "ninja.solutions" not in graph["ninja.grade"]
+    assert graph["ninja.lecture"] <= {"data", "models"}

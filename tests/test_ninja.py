@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from handprop import cli, lecture, ninja
+from handprop import cli
 from handprop.cli import main
+from handprop.ninja import lecture
+from handprop.ninja import solutions as ninja
 
 
 @pytest.fixture(scope="module")

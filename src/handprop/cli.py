@@ -25,9 +25,9 @@ from .data import load_corpus
 from .distributed import RankLost, launched
 from .errors import UserError
 from .gradcheck import check_layers
-from .grade import grade_script
 from .models import PRESETS, preset, recipe
-from .ninja import check_report
+from .ninja.grade import grade_script
+from .ninja.solutions import check_report
 from .sample import Sampling, stream_samples
 from .train import Interrupted, check_work_dir, evaluate, format_losses, make_run_splits, train
 

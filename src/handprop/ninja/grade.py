@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
-from .gradcheck import relative_maxdiff
+from ..errors import UserError
+from ..gradcheck import relative_maxdiff
 from .learner import Version, run_learner
 from .lecture import (
     GRADIENT_NAMES,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gradcheck import relative_maxdiff
+from ..gradcheck import relative_maxdiff
 from .lecture import (
     BN_EPS,
     GRADIENT_NAMES,

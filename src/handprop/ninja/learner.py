@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .lecture import GRADIENT_NAMES
 
 RECORD = "__handprop_record__"      # the recorder's name in the learner's namespace while the code runs

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from .data import Vocab, build_examples, load_corpus, split_items
-from .models import TANH_GAIN
+from ..data import Vocab, build_examples, load_corpus, split_items
+from ..models import TANH_GAIN
 
 N_EMBD = 10                 # embedding size per character
 N_HIDDEN = 64               # hidden units

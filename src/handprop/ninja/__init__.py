@@ -1,0 +1,1 @@
+"""The teaching half of handprop: backprop-ninja exercises, their solutions, and the grader."""
