@@ -1,9 +1,10 @@
 """What every exercise's data must satisfy, checked in float64 (tests/test_exercise_*.py call these).
 
-Its worked solution equals autograd; its forward is finite and has the shapes its comments say;
-its setup is seeded, float32 and non-trivial; each pitfall's slip runs, keeps the shape and
-differs from the right gradient; its gradients are listed (and written) each after every
-tensor that reads it, and `+=` only accumulates a tensor that fans out.
+Its worked solution equals autograd, and runs as a learner's float32 file does; its forward is
+finite and has the shapes its comments say; its setup is seeded, float32 and non-trivial; each
+pitfall's slip runs, keeps the shape and differs from the right gradient; its gradients are
+listed (and written) each after every tensor that reads it, and `+=` only accumulates a tensor
+that fans out.
 """
 
 import ast
@@ -11,10 +12,11 @@ import re
 
 import torch
 
-from handprop.ninja.exercise import MODULES, check_solution, forward, run_code, run_setup
+from handprop.ninja.exercise import MODULES, check_solution, forward, reference_gradients, run_code, run_setup
 
 SOLUTION_RTOL = 1e-12   # a solution row: max |solution - autograd| relative to the gradient's largest magnitude
 SLIP_MIN_RELATIVE = 1e-3  # a slip must differ from the right gradient by more than this, relative
+FLOAT32_RTOL = 1e-5     # the solution run as a learner's float32 file, against autograd in float32
 
 
 def relative(a, b):
@@ -65,6 +67,17 @@ def check_forward_shapes_and_finite(exercise):
         assert torch.isfinite(values[name]).all(), name
     tensors32, _ = run_setup(exercise, torch.float32)
     assert torch.isfinite(forward(exercise, tensors32, constants)["loss"])
+
+
+def check_runs_as_a_float32_script(exercise):
+    """Setup, forward and solution run top to bottom in one namespace, as a learner's file does, in float32."""
+    namespace = dict(MODULES)
+    exec(compile(exercise.setup_code + exercise.forward_code + exercise.solution_code, "<script>", "exec"), namespace)
+    tensors, constants = run_setup(exercise, torch.float32)
+    expected = reference_gradients(exercise, tensors, constants)
+    for name in exercise.gradients:
+        assert namespace["d" + name].dtype == torch.float32, name
+        assert relative(namespace["d" + name], expected[name]) < FLOAT32_RTOL, name
 
 
 def setup_namespace(exercise):
