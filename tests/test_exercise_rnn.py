@@ -6,6 +6,7 @@ from exercise_checks import (
     check_forward_slips,
     check_gradient_order,
     check_pitfalls,
+    check_runs_as_a_float32_script,
     check_setup_seeded_float32_nontrivial,
     check_solution_matches_autograd,
     check_solution_writes,
@@ -24,6 +25,10 @@ def test_solution_matches_autograd():
 
 def test_forward_is_finite_with_the_shapes_its_comments_say():
     check_forward_shapes_and_finite(EXERCISE)
+
+
+def test_setup_forward_and_solution_run_as_a_float32_script():
+    check_runs_as_a_float32_script(EXERCISE)
 
 
 def test_setup_is_seeded_float32_and_nontrivial():

@@ -162,6 +162,16 @@ def pitfalls():
     """The slips of the GRU's backward through time, at every step where a learner can make them."""
     late = [t for t in steps() if t < T]     # the steps whose state also feeds a later step
     return (
+        Pitfall(
+            "start", "dstart = dh0.mean(0, keepdim=True)",
+            "start is copied to every row of h0 (expand), and the copies' gradients add: dh0.sum(0, keepdim=True); "
+            "the loss's mean is already in dlogits, so averaging again divides by B twice",
+        ),
+        Pitfall(
+            "bout", "dbout = dlogits.mean((0, 1))",
+            "bout is added at every position, and the positions' gradients add: dlogits.sum((0, 1)); the loss's "
+            "mean is already in dlogits, so averaging again divides twice",
+        ),
         *(Pitfall(
             f"hbar{t}", f"dhbar{t} = (1 - z{t}) * dh{t}",
             f"z and 1 - z are swapped: h{t} = (1 - z{t}) * h{t - 1} + z{t} * hbar{t} weights the candidate by z{t} "

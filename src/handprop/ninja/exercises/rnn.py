@@ -118,6 +118,16 @@ def pitfalls():
     late = [t for t in steps() if t < T]     # the steps whose state also feeds a later step
     return (
         Pitfall(
+            "start", "dstart = dh0.mean(0, keepdim=True)",
+            "start is copied to every row of h0 (expand), and the copies' gradients add: dh0.sum(0, keepdim=True); "
+            "the loss's mean is already in dlogits, so averaging again divides by B twice",
+        ),
+        Pitfall(
+            "bout", "dbout = dlogits.mean((0, 1))",
+            "bout is added at every position, and the positions' gradients add: dlogits.sum((0, 1)); the loss's "
+            "mean is already in dlogits, so averaging again divides twice",
+        ),
+        Pitfall(
             "logits",
             "dlogits = (F.softmax(logits, 2) - F.one_hot(Yb.clamp(min=0), vocab_size)) * (Yb >= 0).unsqueeze(2)"
             " / (B * T)",
