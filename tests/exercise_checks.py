@@ -101,10 +101,12 @@ def check_setup_seeded_float32_nontrivial(exercise):
 
 
 def check_pitfalls(exercise):
-    """Every slip assigns d<gradient>, runs on the right values, keeps the shape and is really wrong."""
+    """Every slip assigns d<gradient>, runs on the right values, keeps the shape, is really wrong, and differs
+    from the other slips of its gradient (so the hint shown is the one that explains it)."""
     _, constants, values, solution = solved(exercise)
     gradients = {"d" + name: solution["d" + name] for name in exercise.gradients}
     assert len(exercise.pitfalls) >= 4
+    seen = {}
     for pitfall in exercise.pitfalls:
         target = "d" + pitfall.gradient
         assigned = [t.id for node in ast.parse(pitfall.slip).body if isinstance(node, ast.Assign | ast.AugAssign)
@@ -115,6 +117,9 @@ def check_pitfalls(exercise):
         assert slipped.shape == gradients[target].shape, pitfall.slip
         assert relative(slipped, gradients[target]) > SLIP_MIN_RELATIVE, pitfall.slip
         assert pitfall.hint and pitfall.gradient in exercise.gradients
+        for other, value in seen.get(target, []):
+            assert relative(slipped, value) > SLIP_MIN_RELATIVE, (pitfall.slip, other)
+        seen.setdefault(target, []).append((pitfall.slip, slipped))
 
 
 def check_forward_slips(exercise):

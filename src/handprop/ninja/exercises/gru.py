@@ -74,8 +74,7 @@ dh{t} = dhs[:, {s}]
 
 STATE = """\
 # step {t}: h{t} feeds the head and step {n} four ways: directly (1 - z{n}), the reset r{n} * h{t}, both gates via xh{n}
-dh{t} = dhs[:, {s}] + (1 - z{n}) * dh{n} + r{n} * dhreset{n} + dxh{n}[:, n_embd:]
-"""
+"""     # then dh{t} as dh_sum(t) writes it
 
 BACK_STEP = """\
 # h{t} = (1 - z{t}) * h{s} + z{t} * hbar{t}: d/dz{t} = hbar{t} - h{s}, d/dhbar{t} = z{t}
@@ -123,24 +122,25 @@ dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), demb.view(-1, n_embd))
 STEP_GRADIENTS = ("h", "z", "zpre", "hbar", "hbarpre", "xhr", "hreset", "r", "rpre", "xh", "x")   # BACK_STEP's order
 
 
-def steps():
+def time_steps():
     """The step numbers, from the first to the last."""
     return range(1, T + 1)
 
 
 def forward_code():
-    body = "".join(STEP.format(t=t, s=t - 1) for t in steps())
-    return FORWARD_HEAD + body + FORWARD_TAIL.format(hs=", ".join(f"h{t}" for t in steps()))
+    """The forward: emb and h0, STEP for each time step, then the head and the loss."""
+    body = "".join(STEP.format(t=t, s=t - 1) for t in time_steps())
+    return FORWARD_HEAD + body + FORWARD_TAIL.format(hs=", ".join(f"h{t}" for t in time_steps()))
 
 
 def solution_code():
     """The backward, from the last step to the first: each step's state, then its cell, then its weight shares."""
     back = BACK_HEAD
-    for t in reversed(steps()):
-        state = LAST_STATE if t == T else STATE
+    for t in reversed(time_steps()):
+        state = LAST_STATE if t == T else STATE + dh_sum(t) + "\n"
         weights = FIRST_WEIGHTS if t == T else MORE_WEIGHTS
         back += (state + BACK_STEP + weights).format(t=t, s=t - 1, n=t + 1)
-    return back + BACK_TAIL.format(dxs=", ".join(f"dx{t}" for t in steps()))
+    return back + BACK_TAIL.format(dxs=", ".join(f"dx{t}" for t in time_steps()))
 
 
 def state_paths(t):
@@ -152,60 +152,60 @@ def state_paths(t):
     }
 
 
-def dh_without(t, path, instead=None):
-    """A slip of dh{t}: its sum of paths with one left out, or replaced by instead."""
+def dh_sum(t, path=None, instead=None):
+    """dh{t} (t < T) as the sum of its paths; a slip of it with one path left out, or replaced by instead."""
     terms = [instead if name == path else term for name, term in state_paths(t).items()]
     return f"dh{t} = " + " + ".join(term for term in terms if term)
 
 
 def pitfalls():
     """The slips of the GRU's backward through time, at every step where a learner can make them."""
-    late = [t for t in steps() if t < T]     # the steps whose state also feeds a later step
+    late = [t for t in time_steps() if t < T]     # the steps whose state also feeds a later step
     return (
         Pitfall(
             "start", "dstart = dh0.mean(0, keepdim=True)",
             "start is copied to every row of h0 (expand), and the copies' gradients add: dh0.sum(0, keepdim=True); "
-            "the loss's mean is already in dlogits, so averaging again divides by B twice",
+            "the loss's mean is already in dlogits, and averaging the copies divides by B once more",
         ),
         Pitfall(
             "bout", "dbout = dlogits.mean((0, 1))",
             "bout is added at every position, and the positions' gradients add: dlogits.sum((0, 1)); the loss's "
-            "mean is already in dlogits, so averaging again divides twice",
+            "mean is already in dlogits, and averaging the positions divides by B * T once more",
         ),
         *(Pitfall(
             f"hbar{t}", f"dhbar{t} = (1 - z{t}) * dh{t}",
             f"z and 1 - z are swapped: h{t} = (1 - z{t}) * h{t - 1} + z{t} * hbar{t} weights the candidate by z{t} "
             "(PyTorch's nn.GRU has them the other way round; makemore's cell, this one, does not)",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             f"z{t}", f"dz{t} = (h{t - 1} - hbar{t}) * dh{t}",
             f"the sign is swapped: h{t} = (1 - z{t}) * h{t - 1} + z{t} * hbar{t}, so dh{t}/dz{t} = hbar{t} - h{t - 1} "
             "(PyTorch's nn.GRU mixes the other way round)",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             f"zpre{t}", f"dzpre{t} = zpre{t} * (1 - zpre{t}) * dz{t}",
             f"sigmoid's derivative is s (1 - s) with s = sigmoid(x), the output: z{t} * (1 - z{t}), not the "
             f"pre-activation zpre{t}",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             f"rpre{t}", f"drpre{t} = rpre{t} * (1 - rpre{t}) * dr{t}",
             f"sigmoid's derivative is s (1 - s) with s = sigmoid(x), the output: r{t} * (1 - r{t}), not the "
             f"pre-activation rpre{t}",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             f"hbarpre{t}", f"dhbarpre{t} = (1 - hbarpre{t}**2) * dhbar{t}",
             f"tanh's derivative is 1 - tanh(x)^2 = 1 - hbar{t}**2: square the output hbar{t}, not the "
             f"pre-activation hbarpre{t}",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             f"r{t}", f"dr{t} = h{t} * dhreset{t}",
             f"hreset{t} = r{t} * h{t - 1} resets the previous state h{t - 1}, not the new h{t}: dr{t} = h{t - 1} * "
             f"dhreset{t}",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             f"x{t}", f"dx{t} = dxh{t}[:, :n_embd]",
             f"x{t} is read twice, in xh{t} (both gates) and in xhr{t} (the candidate): add dxhr{t}[:, :n_embd] too",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             f"h{t}", f"dh{t} = dhs[:, {t - 1}]",
             f"h{t} also feeds step {t + 1}: backprop through time adds what step {t + 1} sends back to it, "
@@ -213,27 +213,27 @@ def pitfalls():
             f"dhs[:, {t - 1}]",
         ) for t in late),
         *(Pitfall(
-            f"h{t}", dh_without(t, "direct"),
+            f"h{t}", dh_sum(t, "direct"),
             f"the direct path is missing: h{t + 1} = (1 - z{t + 1}) * h{t} + ... passes h{t} straight on, so "
             f"dh{t} gets (1 - z{t + 1}) * dh{t + 1}",
         ) for t in late),
         *(Pitfall(
-            f"h{t}", dh_without(t, "direct", f"z{t + 1} * dh{t + 1}"),
+            f"h{t}", dh_sum(t, "direct", f"z{t + 1} * dh{t + 1}"),
             f"z and 1 - z are swapped: h{t + 1} = (1 - z{t + 1}) * h{t} + z{t + 1} * hbar{t + 1} keeps "
             f"1 - z{t + 1} of h{t}, so the direct path sends (1 - z{t + 1}) * dh{t + 1}",
         ) for t in late),
         *(Pitfall(
-            f"h{t}", dh_without(t, "reset"),
+            f"h{t}", dh_sum(t, "reset"),
             f"the path through the reset is missing: hreset{t + 1} = r{t + 1} * h{t}, so dh{t} gets "
             f"r{t + 1} * dhreset{t + 1}",
         ) for t in late),
         *(Pitfall(
-            f"h{t}", dh_without(t, "gates"),
+            f"h{t}", dh_sum(t, "gates"),
             f"the path through the gates is missing: h{t} is the h part of xh{t + 1}, which both gates read, so "
             f"dh{t} gets dxh{t + 1}[:, n_embd:]",
         ) for t in late),
         *(Pitfall(
-            f"h{t}", dh_without(t, "gates", f"dxh{t + 1}[:, :n_hidden]"),
+            f"h{t}", dh_sum(t, "gates", f"dxh{t + 1}[:, :n_hidden]"),
             f"xh{t + 1} = [x{t + 1}, h{t}] puts x first: h{t}'s part of dxh{t + 1} is its last n_hidden "
             f"columns, dxh{t + 1}[:, n_embd:]",
         ) for t in late),
@@ -241,11 +241,11 @@ def pitfalls():
             f"hreset{t}", f"dhreset{t} = dxhr{t}[:, :n_hidden]",
             f"xhr{t} = [x{t}, hreset{t}] puts x first: hreset{t}'s part of dxhr{t} is its last n_hidden "
             f"columns, dxhr{t}[:, n_embd:]",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             w, f"d{w} = {share.format(t=t)}",
             f"this is step {t}'s share only: {w} is used at every step, so d{w} sums every step's share; add "
-            "each with += instead of overwriting the last",
+            "each with += instead of overwriting the shares before it",
         ) for w, share in SHARES.items() for t in late),
     )
 
@@ -258,7 +258,7 @@ EXERCISE = Exercise(
     parameters=("C", *SHARES, "start", "Wout", "bout"),
     gradients=(
         "logits", "hs", "Wout", "bout",
-        *(f"{name}{t}" for t in reversed(steps()) for name in STEP_GRADIENTS),
+        *(f"{name}{t}" for t in reversed(time_steps()) for name in STEP_GRADIENTS),
         *SHARES, "h0", "start", "emb", "C",
     ),
     solution_code=solution_code(),
@@ -268,6 +268,6 @@ EXERCISE = Exercise(
         f"h{t}", f"z{t} * h{t - 1} + (1 - z{t}) * hbar{t}",
         f"z and 1 - z are swapped: makemore's cell keeps 1 - z of the old state, (1 - z{t}) * h{t - 1} + "
         f"z{t} * hbar{t} (PyTorch's nn.GRU has them the other way round)",
-    ) for t in steps()),
+    ) for t in time_steps()),
     constants=("B", "T", "n_embd", "n_hidden", "vocab_size"),
 )

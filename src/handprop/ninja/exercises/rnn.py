@@ -93,39 +93,40 @@ dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), demb.view(-1, n_embd))
 """
 
 
-def steps():
+def time_steps():
     """The step numbers, from the first to the last."""
     return range(1, T + 1)
 
 
 def forward_code():
-    body = "".join(STEP.format(t=t, s=t - 1) for t in steps())
-    return FORWARD_HEAD + body + FORWARD_TAIL.format(hs=", ".join(f"h{t}" for t in steps()))
+    """The forward: emb and h0, STEP for each time step, then the head and the loss."""
+    body = "".join(STEP.format(t=t, s=t - 1) for t in time_steps())
+    return FORWARD_HEAD + body + FORWARD_TAIL.format(hs=", ".join(f"h{t}" for t in time_steps()))
 
 
 def solution_code():
     """The backward, from the last step to the first: each step's state, then its cell, then its weight shares."""
     back = BACK_HEAD
-    for t in reversed(steps()):
+    for t in reversed(time_steps()):
         state = LAST_STATE if t == T else STATE
         weights = FIRST_WEIGHTS if t == T else MORE_WEIGHTS
         back += (state + BACK_STEP + weights).format(t=t, s=t - 1, n=t + 1)
-    return back + BACK_TAIL.format(dxs=", ".join(f"dx{t}" for t in steps()))
+    return back + BACK_TAIL.format(dxs=", ".join(f"dx{t}" for t in time_steps()))
 
 
 def pitfalls():
     """The slips of backprop through time, at every step where a learner can make them."""
-    late = [t for t in steps() if t < T]     # the steps whose state also feeds a later step
+    late = [t for t in time_steps() if t < T]     # the steps whose state also feeds a later step
     return (
         Pitfall(
             "start", "dstart = dh0.mean(0, keepdim=True)",
             "start is copied to every row of h0 (expand), and the copies' gradients add: dh0.sum(0, keepdim=True); "
-            "the loss's mean is already in dlogits, so averaging again divides by B twice",
+            "the loss's mean is already in dlogits, and averaging the copies divides by B once more",
         ),
         Pitfall(
             "bout", "dbout = dlogits.mean((0, 1))",
             "bout is added at every position, and the positions' gradients add: dlogits.sum((0, 1)); the loss's "
-            "mean is already in dlogits, so averaging again divides twice",
+            "mean is already in dlogits, and averaging the positions divides by B * T once more",
         ),
         Pitfall(
             "logits",
@@ -138,7 +139,7 @@ def pitfalls():
             f"hpre{t}", f"dhpre{t} = (1 - hpre{t}**2) * dh{t}",
             f"tanh's derivative is 1 - tanh(x)^2 = 1 - h{t}**2: square the output h{t}, not the pre-activation "
             f"hpre{t}",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             f"h{t}", f"dh{t} = dhs[:, {t - 1}]",
             f"h{t} also feeds step {t + 1} (it is the h part of xh{t + 1}): backprop through time adds the "
@@ -153,11 +154,11 @@ def pitfalls():
             f"x{t}", f"dx{t} = dxh{t}[:, n_hidden:]",
             f"xh{t} = [x{t}, h{t - 1}] puts x first: x{t}'s part of dxh{t} is its first n_embd columns, "
             f"dxh{t}[:, :n_embd]",
-        ) for t in steps()),
+        ) for t in time_steps()),
         *(Pitfall(
             w, f"d{w} = {share.format(t=t)}",
             f"this is step {t}'s share only: {w} is used at every step, so d{w} sums every step's share; add "
-            "each with += instead of overwriting the last",
+            "each with += instead of overwriting the shares before it",
         ) for w, share in SHARES.items() for t in late),
     )
 
@@ -170,7 +171,7 @@ EXERCISE = Exercise(
     parameters=("C", "Wxh", "bh", "start", "Wout", "bout"),
     gradients=(
         "logits", "hs", "Wout", "bout",
-        *(name for t in reversed(steps()) for name in (f"h{t}", f"hpre{t}", f"xh{t}", f"x{t}")),
+        *(name for t in reversed(time_steps()) for name in (f"h{t}", f"hpre{t}", f"xh{t}", f"x{t}")),
         "Wxh", "bh", "h0", "start", "emb", "C",
     ),
     solution_code=solution_code(),
@@ -179,6 +180,6 @@ EXERCISE = Exercise(
     forward_slips=tuple(ForwardSlip(
         f"xh{t}", f"torch.cat([h{t - 1}, x{t}], 1)",
         f"makemore's cell reads [x, h], the character first: torch.cat([x{t}, h{t - 1}], 1)",
-    ) for t in steps()),
+    ) for t in time_steps()),
     constants=("B", "T", "n_embd", "n_hidden", "vocab_size"),
 )
