@@ -49,11 +49,12 @@ def check_solution_matches_autograd(exercise):
 
 
 def declared_shapes(exercise, constants):
-    """{name: the shape its forward line's comment declares}: `name = expression  # (B, T, n_embd) ...`."""
+    """{name: the shape its forward line's comment declares}: `name = expression  # (B, T, n_embd) ...`, or scalar."""
     shapes = {}
     for line in exercise.forward_code.splitlines():
         name, comment = re.fullmatch(r"(\w+) = .*?  # (.*)", line).groups()
-        declared = eval(re.match(r"\([^)]*\)", comment).group(), {}, dict(constants))
+        shape = "()" if comment.startswith("scalar") else re.match(r"\([^)]*\)", comment).group()
+        declared = eval(shape, {}, dict(constants))
         shapes[name] = declared if isinstance(declared, tuple) else (declared,)
     return shapes
 

@@ -55,7 +55,7 @@ h{t} = (1 - z{t}) * h{s} + z{t} * hbar{t}  # (B, n_hidden) the state after step 
 FORWARD_TAIL = """\
 hs = torch.stack([{hs}], 1)  # (B, T, n_hidden)
 logits = hs @ Wout + bout  # (B, T, vocab_size)
-loss = F.cross_entropy(logits.view(B * T, vocab_size), Yb.view(B * T))  # () the mean over B * T positions
+loss = F.cross_entropy(logits.view(B * T, vocab_size), Yb.view(B * T))  # scalar: the mean over all B * T positions
 """
 
 BACK_HEAD = """\

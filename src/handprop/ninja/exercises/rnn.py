@@ -43,7 +43,7 @@ h{t} = torch.tanh(hpre{t})  # (B, n_hidden) the state after step {t}
 FORWARD_TAIL = """\
 hs = torch.stack([{hs}], 1)  # (B, T, n_hidden)
 logits = hs @ Wout + bout  # (B, T, vocab_size)
-loss = F.cross_entropy(logits.view(B * T, vocab_size), Yb.view(B * T), ignore_index=-1)  # () mean over the counted
+loss = F.cross_entropy(logits.view(B * T, vocab_size), Yb.view(B * T), ignore_index=-1)  # scalar, padding ignored
 """
 
 BACK_HEAD = """\
