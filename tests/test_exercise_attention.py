@@ -1,6 +1,6 @@
 """The attention exercise's data: its solution is autograd's, its pitfalls are real, handprop's own layer agrees."""
 
-import exercise_checks as checks
+import exercise_data_checks as checks
 import torch
 
 from handprop.layers import CausalSelfAttention, Linear
@@ -57,3 +57,11 @@ def test_solution_matches_handprop_causal_self_attention():
     for name, gradient in theirs.items():
         assert checks.relative(mine["d" + name], gradient) <= 1e-12, name
     assert torch.equal(mine["dout"], values["upstream"])
+
+
+def test_solution_in_float32_is_within_the_graders_tolerance():
+    checks.assert_float32_solution_passes(EXERCISE)
+
+
+def test_the_derivation_page_shows_the_forward_and_every_line_of_the_solution():
+    checks.assert_page_shows_the_code(EXERCISE)

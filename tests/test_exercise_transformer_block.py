@@ -1,7 +1,7 @@
 """The transformer-block exercise's data: its solution is autograd's, its pitfalls are real, and handprop's own
 transformer layers (the ones `handprop train --model transformer` trains) compute the same loss and gradients."""
 
-import exercise_checks as checks
+import exercise_data_checks as checks
 import torch
 import torch.nn.functional as F
 
@@ -83,3 +83,11 @@ def test_solution_matches_handprop_transformer_layers():
     for key, gradient in model.grads.items():
         name = named[id(parameters[key])]
         assert checks.relative(mine["d" + name], gradient) <= 1e-12, name
+
+
+def test_solution_in_float32_is_within_the_graders_tolerance():
+    checks.assert_float32_solution_passes(EXERCISE)
+
+
+def test_the_derivation_page_shows_the_forward_and_every_line_of_the_solution():
+    checks.assert_page_shows_the_code(EXERCISE)

@@ -1,4 +1,4 @@
-"""Checks every exercise's data keeps (test_exercise_<name>.py runs them on its own exercise), in float64.
+"""Checks an exercise's data keeps, in float64 (the attention and transformer-block exercises' tests run them).
 
 An exercise is only data: these say that the data is self-consistent before any grader reads it. The
 solution equals autograd row by row, the forward is finite with the shapes its comments give, the
@@ -8,6 +8,7 @@ forward slip) is a different value from the right one, so that its hint can be t
 
 import ast
 import re
+from pathlib import Path
 
 import torch
 
@@ -20,9 +21,12 @@ from handprop.ninja.exercise import (
     run_code,
     run_setup,
 )
+from handprop.ninja.grade import RTOL
 
 SHAPE_COMMENT = re.compile(r"#\s*\(([\d,\s]*)\)")   # '# (4, 2, 5, 6): ...' -> '4, 2, 5, 6'; '# ()' -> ''
 SLIP_APART = 1e-3       # a slip differs from the right value by more than this, relative to the right value
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def solved(exercise):
@@ -139,3 +143,29 @@ def assert_forward_slips_apart(exercise):
         wrong = step(values, constants)
         assert wrong.shape == values[slip.name].shape, slip.slip
         assert relative(wrong, values[slip.name]) > SLIP_APART, slip.slip
+
+
+def assert_float32_solution_passes(exercise):
+    """The worked solution run in float32, as a learner's file runs, is within the grader's RTOL of autograd's
+    float64 gradients (scaled as the grader scales them: by the gradient and the gradients of its readers)."""
+    tensors, constants = run_setup(exercise, torch.float32)
+    values = forward(exercise, tensors, constants)
+    mine = run_code(exercise.solution_code, values, constants, f"<{exercise.name} solution>")
+    as64 = {k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}
+    expected = reference_gradients(exercise, as64, constants)
+    readers = readers_of(exercise)
+    for name in exercise.gradients:
+        assert mine["d" + name].dtype == torch.float32, name
+        scale = max(expected[n].abs().max().item() for n in [name] + readers[name] if n in expected)
+        assert (mine["d" + name].double() - expected[name]).abs().max().item() <= RTOL * scale, name
+
+
+def assert_page_shows_the_code(exercise):
+    """The derivation page's python blocks hold every line of the forward and of the solution, and no other code."""
+    page = (DOCS / exercise.page).read_text()
+    shown = {line.strip() for block in PYTHON_BLOCK.findall(page) for line in block.splitlines()}
+    code = {line.strip() for line in (exercise.forward_code + exercise.solution_code).splitlines()}
+    code = {line for line in code if line and not line.startswith("#")}
+    assert not code - shown, f"not on the page: {sorted(code - shown)}"
+    extra = {line for line in shown - code if line and not line.startswith("#")}
+    assert not extra, f"on the page only: {sorted(extra)}"
