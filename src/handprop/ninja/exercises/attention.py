@@ -152,8 +152,7 @@ FORWARD_SLIPS = (
 
 EXERCISE = Exercise(
     name="attention",
-    summary="multi-head causal self-attention in 20 steps (projection, heads, scale, mask, max-subtracted softmax, "
-            "merge), 24 gradients, then the mask and the softmax in one step",
+    summary="multi-head causal self-attention in 20 steps (heads, scale, mask, softmax), then the softmax in one step",
     setup_code=SETUP,
     forward_code=FORWARD,
     parameters=("x", "W_qkv", "b_qkv", "W_proj", "b_proj"),

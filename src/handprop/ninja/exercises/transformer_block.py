@@ -15,15 +15,16 @@ n_head = 2
 head_size = C // n_head         # 6 channels per head
 vocab_size = 27                 # '.' = 0 starts and ends a name, 'a'..'z' = 1..26
 eps = 1e-5                      # LayerNorm's, added to the variance
-# four names in the sequence form: [0, c1..cn] -> [c1..cn, 0]; after a name's end, input 0 and target -1 (padding)
-idx = torch.tensor([[0, 5, 13, 13, 1],      # .emma
-                    [0, 1, 22, 1, 0],       # .ava.
-                    [0, 11, 1, 9, 0],       # .kai.
-                    [0, 1, 12, 0, 0]])      # .al..    (4, 5)
-targets = torch.tensor([[5, 13, 13, 1, 0],  # emma.
-                        [1, 22, 1, 0, -1],  # ava.-
-                        [11, 1, 9, 0, -1],  # kai.-
-                        [1, 12, 0, -1, -1]])    # al.--  (4, 5): the loss counts the 16 targets that are not -1
+# four names in the sequence form, [0, c1..cn] -> [c1..cn, 0]; after a name's end the input is 0 and the
+# target -1 (padding), which the loss leaves out: it counts 16 of the 20 targets
+idx = torch.tensor([[0, 5, 13, 13, 1],          # (4, 5): .emma
+                    [0, 1, 22, 1, 0],           #         .ava.
+                    [0, 11, 1, 9, 0],           #         .kai.
+                    [0, 1, 12, 0, 0]])          #         .al..
+targets = torch.tensor([[5, 13, 13, 1, 0],      # (4, 5): emma.
+                        [1, 22, 1, 0, -1],      #         ava.
+                        [11, 1, 9, 0, -1],      #         kai.
+                        [1, 12, 0, -1, -1]])    #         al.
 g = torch.Generator().manual_seed(2147483647)
 wte = torch.randn((vocab_size, C), generator=g)                 # (27, 12): token embedding
 wpe = torch.randn((T, C), generator=g)                          # (5, 12): position embedding
@@ -222,8 +223,7 @@ FORWARD_SLIPS = tuple(
 
 EXERCISE = Exercise(
     name="transformer-block",
-    summary="a whole one-block transformer: embeddings, LayerNorm, attention, GELU MLP, residuals, final LayerNorm, "
-            "head and padded cross-entropy, 43 gradients",
+    summary="a one-block transformer: embeddings, LayerNorm, attention, GELU MLP, residuals, padded cross-entropy",
     setup_code=SETUP,
     forward_code=FORWARD,
     parameters=(
