@@ -6,6 +6,7 @@ import torch
 from handprop.layers import CausalSelfAttention, Linear
 from handprop.ninja.exercise import reference_gradients, run_code, run_setup
 from handprop.ninja.exercises.attention import EXERCISE, EXERCISE_1, FUSED
+from handprop.ninja.grade import RTOL
 
 
 def test_solution_equals_autograd():
@@ -65,3 +66,15 @@ def test_solution_in_float32_is_within_the_graders_tolerance():
 
 def test_the_derivation_page_shows_the_forward_and_every_line_of_the_solution():
     checks.assert_page_shows_the_code(EXERCISE)
+
+
+def test_the_mask_keeps_every_forward_step_checkable_by_the_grader():
+    """The grader checks a forward step to RTOL of the largest magnitude among its value and inputs: the mask's fill
+    value sets that scale for four steps, so it must be finite and small enough to keep the check near 0.1 or finer
+    (-inf or -1e9 would pass `scores.masked_fill(...)`, the unscaled scores masked, as right)."""
+    values, _, _ = checks.solved(EXERCISE)
+    for name, step in EXERCISE.steps().items():
+        scale = max(values[n].abs().max().item() for n in (name, *step.inputs) if values[n].is_floating_point())
+        assert RTOL * scale < 0.11, name
+    future = values["tril"] == 0
+    assert (values["att"][..., future] == 0).all() and (values["counts"][..., future] == 0).all()

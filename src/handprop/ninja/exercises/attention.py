@@ -34,7 +34,7 @@ kh = k.view(B, T, n_head, head_size).transpose(1, 2)        # (4, 2, 5, 6)
 vh = v.view(B, T, n_head, head_size).transpose(1, 2)        # (4, 2, 5, 6)
 scores = qh @ kh.transpose(-2, -1)                          # (4, 2, 5, 5): query t against key s
 scores_scaled = scores * head_size**-0.5                    # (4, 2, 5, 5): keeps the scores' spread near 1
-scores_masked = scores_scaled.masked_fill(tril == 0, -1e9)  # (4, 2, 5, 5): the future gets -1e9, exp(-1e9) = 0
+scores_masked = scores_scaled.masked_fill(tril == 0, -1e4)  # (4, 2, 5, 5): the future gets -1e4, exp(-1e4) = 0
 score_maxes = scores_masked.max(-1, keepdim=True).values    # (4, 2, 5, 1)
 norm_scores = scores_masked - score_maxes                   # (4, 2, 5, 5): subtract the max for numerical stability
 counts = norm_scores.exp()                                  # (4, 2, 5, 5)
@@ -139,7 +139,7 @@ dscores_scaled = F.softmax(scores_scaled, -1) * (datt - (F.softmax(scores_scaled
 
 FORWARD_SLIPS = (
     ForwardSlip("scores_masked", "scores_scaled.masked_fill(tril == 0, 0)",
-                "the future is filled with 0, and exp(0) = 1 still gives it weight: fill with -1e9 (or -inf) so "
+                "the future is filled with 0, and exp(0) = 1 still gives it weight: fill with -1e4 (or -inf) so "
                 "that its exp is 0"),
     ForwardSlip("scores_scaled", "scores / head_size",
                 "the scale is 1/sqrt(head_size), head_size**-0.5, not 1/head_size"),

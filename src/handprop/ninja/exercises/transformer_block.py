@@ -58,7 +58,7 @@ q = qkv[:, :, :C].view(B, T, n_head, head_size).transpose(1, 2)         # (4, 2,
 k = qkv[:, :, C:2 * C].view(B, T, n_head, head_size).transpose(1, 2)    # (4, 2, 5, 6): keys
 v = qkv[:, :, 2 * C:].view(B, T, n_head, head_size).transpose(1, 2)     # (4, 2, 5, 6): values
 scores = q @ k.transpose(-2, -1) * head_size**-0.5          # (4, 2, 5, 5)
-att = F.softmax(scores.masked_fill(tril == 0, -1e9), -1)    # (4, 2, 5, 5): 0 on the future
+att = F.softmax(scores.masked_fill(tril == 0, -1e4), -1)    # (4, 2, 5, 5): 0 on the future
 yh = att @ v                                                # (4, 2, 5, 6)
 y = yh.transpose(1, 2).contiguous().view(B, T, C)           # (4, 5, 12): the heads side by side again
 attn_out = y @ W_attn_proj + b_attn_proj                    # (4, 5, 12)
