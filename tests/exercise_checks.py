@@ -6,6 +6,7 @@ Each returns the problems it finds (an empty list when there are none), so a fai
 import ast
 import dataclasses
 import re
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,8 @@ from handprop.ninja.exercise import (
 SOLUTION_RTOL = 1e-12   # a worked solution equals autograd in float64 up to rounding
 SLIP_RTOL = 1e-3        # a slip must be this far from the right gradient (relative), or of another shape
 SHAPE_COMMENT = re.compile(r"^(\w+) = .*#\s*(\([\d, ]*\))")
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def relative_diff(a, b):
@@ -131,3 +134,16 @@ def forward_slip_problems(exercise):
         if wrong.shape == right.shape and not relative_diff(wrong, right) > SLIP_RTOL:
             problems.append(f"{slip.name} = {slip.slip} is the right value")
     return problems
+
+
+def page_problems(exercise):
+    """Lines of the forward and the solution that the derivation page's code leaves out, and code lines it has that
+    neither has (comments aside): the page derives exactly the exercise's code."""
+    page = DOCS / exercise.page
+    if not page.is_file():
+        return [f"no page {page}"]
+    shown = {line.strip() for block in PYTHON_BLOCK.findall(page.read_text()) for line in block.splitlines()}
+    source = {line.strip() for line in (exercise.forward_code + exercise.solution_code).splitlines()}
+    code = {line for line in source if line and not line.startswith("#")}
+    return ([f"not on the page: {line}" for line in sorted(code - shown)]
+            + [f"on the page only: {line}" for line in sorted(shown - source) if line and not line.startswith("#")])

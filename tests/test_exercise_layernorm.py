@@ -7,6 +7,7 @@ from exercise_checks import (
     forward_slip_problems,
     gradient_scope,
     order_problems,
+    page_problems,
     relative_diff,
     setup_problems,
     slip_problems,
@@ -29,6 +30,10 @@ def test_the_forward_is_finite_with_the_shapes_its_comments_say():
 
 def test_the_setup_is_seeded_float32_and_not_trivial():
     assert not setup_problems(EXERCISE)
+
+
+def test_the_derivation_page_shows_the_forward_and_every_line_of_the_solution():
+    assert not page_problems(EXERCISE)
 
 
 def test_each_gradient_comes_after_every_step_that_reads_its_tensor():
