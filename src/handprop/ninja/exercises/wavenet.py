@@ -190,6 +190,9 @@ dhprebn_1 = bngain_1 * bnvar_inv_1 / n1 * (
             "each row gets 1/n1 of dbnmeani_1"),
     Pitfall("bndiff2_2", "dbndiff2_2 = 1 / (B - 1) * torch.ones_like(bndiff2_2) * dbnvar_2\n",
             "bnvar_2 sums over n2 = B*2 rows (every example and every position) and divides by n2-1, not by B-1"),
+    Pitfall("C", "dC = torch.zeros_like(C)\ndC[Xb] += demb\n",
+            "wrong in the rows of C that Xb looks up more than once: dC[Xb] += demb writes each row once, keeping "
+            "one of its repeated contributions; accumulate with index_add_ (a scatter-add)"),
     Pitfall("bndiff_2", "dbndiff_2 = 2 * bndiff_2 * dbndiff2_2\n",
             "bndiff_2 is read twice, by bndiff2_2 = bndiff_2**2 and by bnraw_2: add this branch's gradient to the "
             "one from bnraw_2 (+=) instead of overwriting it"),
@@ -209,8 +212,8 @@ FORWARD_SLIPS = (
 
 EXERCISE = Exercise(
     name="wavenet",
-    summary="the lecture's part 5: a three-level WaveNet-style hierarchy in 33 steps, 44 gradients through its "
-            "views and (B, T, C) BatchNorms, then that BatchNorm in one step",
+    summary="part 5's WaveNet-style hierarchy in 33 steps: 44 gradients through views and (B, T, C) BatchNorm, "
+            "then that BatchNorm in one step",
     setup_code=SETUP,
     forward_code=FORWARD,
     parameters=("C", "W_1", "bngain_1", "bnbias_1", "W_2", "bngain_2", "bnbias_2", "W_3", "bngain_3", "bnbias_3",
