@@ -2,10 +2,10 @@
 
 Eight characters are fused two at a time in three levels: FlattenConsecutive(2) (a view), a Linear
 without bias, BatchNorm with the lecture's Bessel-corrected variance, tanh. The first two levels see
-(B, T, C) tensors, so their BatchNorm takes its statistics over dims 0 and 1;
-the third level's view drops the time axis and its BatchNorm is the part 4 one over dim 0. The head
-is a Linear and the cross-entropy, whose gradient is the lecture's exercise 2 in one step. Level k's
-tensors end in _k. Afterwards, level 1's BatchNorm backward in one step: exercise 3 over (B, T, C).
+(B, T, C) tensors, so their BatchNorm takes its statistics over dims 0 and 1; the third level's view
+drops the time axis and its BatchNorm is part 4's, over dim 0. The head is a Linear and the
+cross-entropy, whose gradient is the lecture's exercise 2 in one step. Level k's tensors end in _k.
+Afterwards, level 1's BatchNorm backward in one step: exercise 3 over (B, T, C).
 """
 
 from ..exercise import Exercise, ForwardSlip, Fused, Pitfall
