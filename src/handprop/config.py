@@ -2,8 +2,7 @@
 
 The command line builds its flags from these fields (cli.py), and a checkpoint's configs are
 read back through the same checks (config_from_dict), so a setting is validated the same way
-whether it came from a flag or from a file. RESUME_MAY_CHANGE says which settings a resumed
-run may change.
+whether it came from a flag or from a file. settings.py works out a run's values from them.
 """
 
 import math
@@ -75,10 +74,6 @@ class TrainConfig:
     save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9)
     diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9)
     tensorboard: bool = setting(False, "also log the recorded statistics as TensorBoard events")
-
-
-# settings a resumed run may change: how often it reports and saves, where it runs, and how far it goes
-RESUME_MAY_CHANGE = ("max_steps", "device", "compile", "log_every", "save_every", "diagnostics_every", "tensorboard")
 
 
 def check_field(config, f):
