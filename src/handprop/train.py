@@ -70,7 +70,7 @@ class Run:
         if not self.world.is_main:          # the same state as rank 0, nothing written
             self.best_val, self.saved_step = min(self.best_val, val), self.step
             return val
-        with saving(work_dir, self.saved_step):
+        with saving(work_dir, self):
             if val < self.best_val:
                 self.best_val = val
                 save_checkpoint(work_dir / BEST, self.checkpoint(finished, losses))

@@ -86,11 +86,12 @@ def owned(work_dir, resume_from, world):
 
 
 @contextmanager
-def saving(work_dir, saved_step):
-    """Turns a failed write (no permission, a full disk) into one UserError that says which checkpoint is kept."""
+def saving(work_dir, run):
+    """Turns a failed write (no permission, a full disk) into one UserError that says which of run's checkpoints
+    is kept (run.saved_step when the write failed)."""
     try:
         yield
     except OSError as e:
-        kept = (f"the last good checkpoint (step {saved_step}) is kept" if saved_step is not None
+        kept = (f"the last good checkpoint (step {run.saved_step}) is kept" if run.saved_step is not None
                 else "no checkpoint to resume was saved")
         raise UserError(f"cannot save in {work_dir}: {e.strerror or e}; {kept}") from None
