@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .checkpoint import BEST, LATEST, check_same_corpus, load_checkpoint
-from .config import DEVICES, ModelConfig, TrainConfig, format_number
+from .config import DEVICES, ModelConfig, TrainConfig, flagged, format_number
 from .data import load_corpus
 from .distributed import RankLost, launched
 from .errors import UserError
@@ -66,13 +66,8 @@ def add_setting(parser, cls, name, *flags, default=None):
                         metavar="N" if kind is int else "X", help=f"{rules['help']} ({shown}; {span})")
 
 
-MODEL_FLAGS = {"block_size": "--block-size", "n_embd": "--n-embd", "n_hidden": "--n-hidden",
-               "n_layers": "--n-layers", "n_head": "--n-head", "dropout": "--dropout", "init": "--init"}
-TRAIN_FLAGS = {"max_steps": ("--max-steps",), "batch_size": ("-b", "--batch-size"), "lr": ("-l", "--lr"),
-               "schedule": ("--schedule",), "lr_decay_at": ("--lr-decay-at",), "warmup": ("--warmup",),
-               "min_lr": ("--min-lr",), "grad_clip": ("--grad-clip",), "optimizer": ("--optimizer",),
-               "weight_decay": ("-w", "--weight-decay"), "seed": ("--seed",), "save_every": ("--save-every",),
-               "log_every": ("--log-every",), "compile": ("--compile",)}
+MODEL_FLAGS = flagged(ModelConfig)         # the model's and the training's settings that train's flags set
+TRAIN_FLAGS = flagged(TrainConfig)
 
 
 def add_best(p):
@@ -99,16 +94,16 @@ def build_parser():
                    help="UTF-8 text, one item per line; - reads standard input (default: bundled names.txt)")
     t.add_argument("-o", "--work-dir", default="out", help="where checkpoints are saved (default out)")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run saved in the work dir exactly where it stopped (a larger --max-steps "
-                        "extends a finished one)")
+                   help="continue the run saved in the work dir exactly where it stopped (there must be one; a larger "
+                        "--max-steps extends a finished one)")
     t.add_argument("--model", default=None, choices=list(PRESETS), help="named configuration (default mlp: lecture 4, "
                    "exercise 4)")
     for name, flags in TRAIN_FLAGS.items():
         mlp_default = format_number(getattr(recipe(DEFAULT_MODEL), name))
         add_setting(t, TrainConfig, name, *flags,
                     default=f"default: the model's recipe; {DEFAULT_MODEL}'s is {mlp_default}")
-    for name, flag in MODEL_FLAGS.items():
-        add_setting(t, ModelConfig, name, flag, default="default: the model's")
+    for name, flags in MODEL_FLAGS.items():
+        add_setting(t, ModelConfig, name, *flags, default="default: the model's")
     t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")
     t.add_argument("--lookup-tables", action="store_true", help="mlp: compute the embedding and the first Linear as "
                    "per-position lookup tables (the same function; far faster for batches much larger than the "

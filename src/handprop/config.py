@@ -21,9 +21,16 @@ COMPILE_MODES = ("auto", "on", "off")
 AUTO_COMPILE_STEPS = 10_000     # --compile auto compiles runs this long or longer: compiling takes 5-60 s, once
 
 
-def setting(default, help, low=None, high=None, choices=None):
-    """A config field with its help text and the values it may take (a range, or choices)."""
-    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+def setting(default, help, low=None, high=None, choices=None, flags=()):
+    """A config field with its help text, the values it may take (a range, or choices), and the flags of
+    `handprop train` that set it (none: set another way, or not by the user)."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices,
+                                            "flags": flags})
+
+
+def flagged(cls):
+    """{field name: its flags} for the fields of cls that a flag of `handprop train` sets, in field order."""
+    return {f.name: f.metadata["flags"] for f in fields(cls) if f.metadata["flags"]}
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,14 @@ class ModelConfig:
                         "(whole items)", choices=MODEL_KINDS)
     vocab_size: int = setting(27, "tokens, the boundary included (set from the corpus)", 2, 1_000_000)
     block_size: int = setting(3, "characters of context; whole-item models: positions, 0 = longest item + 1",
-                              0, 1024)
-    n_embd: int = setting(10, "embedding size per character", 1, 4096)
-    n_hidden: int = setting(200, "units per hidden layer (rnn, gru: the hidden state)", 1, 16384)
-    n_layers: int = setting(1, "hidden layers or transformer blocks (wavenet: log2 of the block size)", 1, 64)
-    n_head: int = setting(4, "attention heads per transformer block (n_embd must be a multiple)", 1, 256)
-    dropout: float = setting(0.0, "transformer dropout probability, in training only", 0.0, 0.9)
+                              0, 1024, flags=("--block-size",))
+    n_embd: int = setting(10, "embedding size per character", 1, 4096, flags=("--n-embd",))
+    n_hidden: int = setting(200, "units per hidden layer (rnn, gru: the hidden state)", 1, 16384, flags=("--n-hidden",))
+    n_layers: int = setting(1, "hidden layers or transformer blocks (wavenet: log2 of the block size)", 1, 64,
+                            flags=("--n-layers",))
+    n_head: int = setting(4, "attention heads per transformer block (n_embd must be a multiple)", 1, 256,
+                          flags=("--n-head",))
+    dropout: float = setting(0.0, "transformer dropout probability, in training only", 0.0, 0.9, flags=("--dropout",))
     lookup_tables: bool = setting(False, "mlp: the embedding and the first Linear as per-position lookup tables "
                                   "(the same function; far faster when the batch is much larger than the vocabulary)")
     hidden_bias: bool = setting(True, "a bias in the hidden Linear layers (the lecture's exercise 4 keeps b1)")
@@ -45,7 +54,7 @@ class ModelConfig:
     bessel: bool = setting(True, "BatchNorm normalises with the n-1 variance (lecture) instead of n (PyTorch)")
     bn_momentum: float = setting(0.001, "BatchNorm running-statistics momentum", 0.0, 1.0)
     init: str = setting("lecture", "lecture: Kaiming with gain 5/3, a small output layer; naive: unit randn",
-                        choices=INITS)
+                        choices=INITS, flags=("--init",))
 
     @property
     def form(self):
@@ -55,23 +64,32 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = setting(200_000, "optimisation steps", 1, 10**9)
-    batch_size: int = setting(32, "examples per step, drawn with replacement", 1, 10**6)
-    lr: float = setting(0.1, "learning rate before the decay", 1e-9, 100.0)
+    max_steps: int = setting(200_000, "optimisation steps", 1, 10**9, flags=("--max-steps",))
+    batch_size: int = setting(32, "examples per step, drawn with replacement", 1, 10**6, flags=("-b", "--batch-size"))
+    lr: float = setting(0.1, "learning rate before the decay", 1e-9, 100.0, flags=("-l", "--lr"))
     schedule: str = setting("step", "learning rate: step (the lectures: lr, then lr/10 from --lr-decay-at) or "
-                            "cosine (linear warmup, then cosine decay to --min-lr)", choices=SCHEDULES)
-    lr_decay_at: float = setting(0.5, "step schedule: fraction of the steps after which lr drops 10x", 0.0, 1.0)
-    warmup: int = setting(0, "cosine schedule: steps of linear warmup", 0, 10**9)
-    min_lr: float = setting(0.0, "cosine schedule: the learning rate at the last step", 0.0, 100.0)
-    grad_clip: float = setting(0.0, "clip the gradients' global L2 norm to this; 0 does not clip", 0.0, 1e6)
-    optimizer: str = setting("sgd", "update rule: sgd (the lecture) or adamw", choices=OPTIMIZERS)
-    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay (adamw only)", 0.0, 1.0)
-    seed: int = setting(2147483647, "seeds the init and the batch order (the lecture's generator seed)", 0, 2**63 - 1)
+                            "cosine (linear warmup, then cosine decay to --min-lr)", choices=SCHEDULES,
+                            flags=("--schedule",))
+    lr_decay_at: float = setting(0.5, "step schedule: fraction of the steps after which lr drops 10x", 0.0, 1.0,
+                                 flags=("--lr-decay-at",))
+    warmup: int = setting(0, "cosine schedule: steps of linear warmup", 0, 10**9, flags=("--warmup",))
+    min_lr: float = setting(0.0, "cosine schedule: the learning rate at the last step", 0.0, 100.0, flags=("--min-lr",))
+    grad_clip: float = setting(0.0, "clip the gradients' global L2 norm to this; 0 does not clip", 0.0, 1e6,
+                               flags=("--grad-clip",))
+    optimizer: str = setting("sgd", "update rule: sgd (the lecture) or adamw", choices=OPTIMIZERS,
+                             flags=("--optimizer",))
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay (adamw only)", 0.0, 1.0,
+                                  flags=("-w", "--weight-decay"))
+    seed: int = setting(2147483647, "seeds the init and the batch order (the lecture's generator seed)", 0, 2**63 - 1,
+                        flags=("--seed",))
     device: str = setting("cpu", "where the tensors live", choices=DEVICES)
     compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on; off, op by op; "
-                           f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES)
-    log_every: int = setting(10_000, "steps between log lines when the output is not a terminal", 1, 10**9)
-    save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9)
+                           f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES,
+                           flags=("--compile",))
+    log_every: int = setting(10_000, "steps between log lines when the output is not a terminal", 1, 10**9,
+                             flags=("--log-every",))
+    save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9,
+                              flags=("--save-every",))
     diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9)
     tensorboard: bool = setting(False, "also log the recorded statistics as TensorBoard events")
 

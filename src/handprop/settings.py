@@ -14,6 +14,7 @@ from .config import (
     ModelConfig,
     TrainConfig,
     changed_settings,
+    flagged,
     format_number,
     preset_config,
     validate_model,
@@ -100,14 +101,14 @@ USES = {
     "lr_decay_at": (_schedule("step"), "the step schedule only", "add --schedule step, or leave --lr-decay-at out"),
 }
 
-# how the user names a setting, where it is not --the-field-name
-FLAG_NAMES = {"batchnorm": "--no-batchnorm", "bessel": "--bn-variance", "batch_size": "-b",
-              "weight_decay": "-w", "lr": "-l"}
+# the switches that set a model setting, where no flag of its own does
+SWITCHES = {"batchnorm": "--no-batchnorm", "bessel": "--bn-variance"}
 
 
 def flag(name):
-    """The flag that sets a config field: '--n-embd' for n_embd."""
-    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    """The flag that sets a config field: '--n-embd' for n_embd, '-w' for weight_decay."""
+    flags = flagged(ModelConfig) | flagged(TrainConfig)
+    return flags[name][0] if name in flags else SWITCHES.get(name, "--" + name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,9 @@ def fit_warmup(config, overrides, name):
     if "warmup" in overrides.train_settings or config.schedule != "cosine" or config.warmup < config.max_steps:
         return config, ()
     warmup = int(config.max_steps * SHORT_RUN_WARMUP)
+    instead = f"warming up for {warmup} instead" if warmup else "not warming up"
     note = (f"{name}'s recipe warms up for {config.warmup} steps, as long as this {config.max_steps}-step run: "
-            f"warming up for {warmup} instead (choose with --warmup N)")
+            f"{instead} (choose with --warmup N)")
     return replace(config, warmup=warmup), (note,)
 
 
