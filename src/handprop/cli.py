@@ -23,7 +23,6 @@ from .ninja.solutions import check_report
 from .sample import Sampling, stream_samples
 from .settings import DEFAULT_MODEL, PRESETS, Overrides, check_ranks, new_settings, recipe, resumed_settings
 from .stops import Interrupted
-from .train import train
 from .workdir import check_work_dir, saved_run
 
 
@@ -203,6 +202,8 @@ def run_train(args):
     if world.is_main:
         for note in settings.notes:
             print(note)
+    # imported here: eval and sample never need the training loop, nor the compiler it brings in
+    from .train import train
     with world.joined():                    # every rank has read and checked its inputs before rank 0 writes
         train(corpus, settings.model_config, settings.train_config, args.work_dir, resume_from=checkpoint,
               world=world)
