@@ -48,3 +48,13 @@ def test_the_default_run_fits_where_it_always_did(tmp_path, capsys, monkeypatch)
     status, _, err = run_main(["train", "--max-steps", "2", "-o", tmp_path / "out"], capsys)
     assert status == 0, err
     assert memory.available_memory("cpu") is None or memory.available_memory("cpu") > 0
+
+
+def test_a_containers_memory_limit_counts(tmp_path, monkeypatch):
+    (tmp_path / "memory.max").write_text("8000000000\n")
+    (tmp_path / "memory.current").write_text("3000000000\n")
+    assert memory.cgroup_room(tmp_path) == 5 * 10**9
+    monkeypatch.setattr(memory, "CGROUP", tmp_path)
+    assert memory.available_memory("cpu") <= 5 * 10**9
+    (tmp_path / "memory.max").write_text("max\n")
+    assert memory.cgroup_room(tmp_path) is None and memory.cgroup_room(tmp_path / "absent") is None

@@ -6,8 +6,8 @@ the optimiser's state, and what one batch's forward pass keeps for the backward.
 things (the corpus, temporaries), so a run it refuses would not have fit.
 """
 
-import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,6 +17,7 @@ from .models import hidden_shapes
 
 BYTES = 4                   # float32, the type every run trains in
 ADAMW_BUFFERS = 4           # AdamW's flat m, v, gradient and update buffers, each as large as the parameters
+CGROUP = Path("/sys/fs/cgroup")    # this process's cgroup v2 directory, where a container's memory limit is read
 STATE = {"sgd": "the weights and gradients", "adamw": "the weights, gradients and AdamW's buffers"}
 
 
@@ -76,20 +77,31 @@ def footprint(model_config, train_config):
 
 
 def available_memory(device):
-    """Bytes free for a new run on device (None where it cannot be told)."""
+    """Bytes free for a new run on device: the GPU's free memory, or the machine's available memory within the
+    container's limit (None where neither can be told)."""
     if device == "cuda":
         return torch.cuda.mem_get_info()[0]
+    free = [n for n in (meminfo_available(), cgroup_room(CGROUP)) if n is not None]
+    return min(free) if free else None
+
+
+def meminfo_available():
+    """What Linux says a new process can use without swapping (MemAvailable), or None."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
         return None
+
+
+def cgroup_room(cgroup):
+    """The room left under a cgroup v2 memory limit (a container's), or None where there is no limit to read."""
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        used = int((cgroup / "memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0, int(limit) - used)
 
 
 def size_text(nbytes):
