@@ -149,9 +149,10 @@ def validate_train(config, model_config):
         check_field(config, f)
     if config.weight_decay and config.optimizer != "adamw":
         raise UserError(f"weight decay is applied by adamw only; with {config.optimizer} it would do nothing "
-                        "(add --optimizer adamw, or drop -w)")
+                        "(add --optimizer adamw, or -w 0)")
     if config.schedule == "cosine" and config.warmup >= config.max_steps:
-        raise UserError(f"--warmup {config.warmup} leaves no steps to decay over (max-steps {config.max_steps})")
+        raise UserError(f"--warmup {config.warmup} leaves no steps to decay over (max-steps {config.max_steps}): "
+                        "warm up for fewer steps than the run takes")
     if config.schedule == "cosine" and config.min_lr > config.lr:
         raise UserError(f"--min-lr {config.min_lr:g} is above the learning rate {config.lr:g}")
     if config.batch_size < 2 and model_config.batchnorm and model_config.kind in WINDOW_KINDS:
