@@ -7,14 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 
 import pytest
 import torch
 from cli_runner import run_main
 
+from handprop import cli
 from handprop.checkpoint import load_checkpoint
-from handprop.config import ModelConfig, validate_model
+from handprop.config import ModelConfig, TrainConfig, setting, validate_model
 from handprop.errors import UserError
 from handprop.models import build_model
 from handprop.optim import SGD
@@ -99,15 +100,15 @@ def test_the_table_of_uses_says_which_settings_change_each_model(name):
     # (lookup_tables is left out: it computes the same function, only faster)
     base = preset(name, vocab_size=27, block_size=PRESETS[name].block_size or 8, n_embd=8, n_hidden=12)
     model_settings = [k for k in USES if k in CHANGED]
-    for setting in model_settings:
-        value = CHANGED[setting] if getattr(base, setting) != CHANGED[setting] else not CHANGED[setting]
-        used = USES[setting][0](base, recipe(name))
+    for field_name in model_settings:
+        value = CHANGED[field_name] if getattr(base, field_name) != CHANGED[field_name] else not CHANGED[field_name]
+        used = USES[field_name][0](base, recipe(name))
         try:
-            changed = validate_model(replace(base, **{setting: value}))
+            changed = validate_model(replace(base, **{field_name: value}))
         except UserError:                   # a value this model cannot take (a wavenet's depth): it is used
-            assert used, (name, setting)
+            assert used, (name, field_name)
             continue
-        assert used != same(built(base), built(changed)), (name, setting, used)
+        assert used != same(built(base), built(changed)), (name, field_name, used)
     assert set(model_settings) | {"lookup_tables"} == {k for k in USES if k in ModelConfig.__dataclass_fields__}
 
 
@@ -234,3 +235,24 @@ def test_eval_of_an_unfinished_run_says_which_step_and_that_it_has_not_finished(
     status, out, _ = run_main(["eval", "-o", work_dir], capsys)
     assert status == 0 and len(out.splitlines()) == 1 and out.startswith("train loss ")   # finished: the losses
     assert json.loads((work_dir / "config.json").read_text())["finished"]
+
+
+# --- a new setting is one field: its flags, the commands that take them, whether a resume may change it ------------
+
+def test_a_new_setting_is_one_field_and_every_command_it_names_takes_its_flag(monkeypatch):
+    @dataclass(frozen=True)
+    class WithThreads(TrainConfig):
+        threads: str = setting("auto", "threads of the tensor library", choices=("auto", "1", "2"),
+                               flags=("--threads",), commands=("train", "eval", "sample", "check", "grade"),
+                               resumable=True)
+
+    monkeypatch.setattr(cli, "TrainConfig", WithThreads)       # as if TrainConfig had the field
+    monkeypatch.setattr(cli, "recipe", lambda name: WithThreads(**asdict(recipe(name))))
+    parser = cli.build_parser()
+    for argv in (["train"], ["eval"], ["sample"], ["check"], ["grade", "mine.py"]):
+        assert parser.parse_args([*argv, "--threads", "2"]).threads == "2"
+        assert parser.parse_args(argv).threads is None         # not given: the field's default applies
+    with pytest.raises(SystemExit):
+        parser.parse_args(["diagnose", "--threads", "2"])
+    assert cli.overrides(parser.parse_args(["train", "--threads", "1"]), "cpu").train_settings["threads"] == "1"
+    assert "threads" not in cli.overrides(parser.parse_args(["train"]), "cpu").train_settings

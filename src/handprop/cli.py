@@ -65,10 +65,6 @@ def add_setting(parser, cls, name, *flags, default=None):
                         metavar="N" if kind is int else "X", help=f"{rules['help']} ({shown}; {span})")
 
 
-MODEL_FLAGS = flagged(ModelConfig)         # the model's and the training's settings that train's flags set
-TRAIN_FLAGS = flagged(TrainConfig)
-
-
 def add_best(p):
     p.add_argument("--best", action="store_true",
                    help=f"use {BEST} (lowest val loss at a save) instead of the latest {LATEST}")
@@ -97,11 +93,11 @@ def build_parser():
                         "--max-steps extends a finished one)")
     t.add_argument("--model", default=None, choices=list(PRESETS), help="named configuration (default mlp: lecture 4, "
                    "exercise 4)")
-    for name, flags in TRAIN_FLAGS.items():
+    for name, flags in flagged(TrainConfig).items():
         mlp_default = format_number(getattr(recipe(DEFAULT_MODEL), name))
         add_setting(t, TrainConfig, name, *flags,
                     default=f"default: the model's recipe; {DEFAULT_MODEL}'s is {mlp_default}")
-    for name, flags in MODEL_FLAGS.items():
+    for name, flags in flagged(ModelConfig).items():
         add_setting(t, ModelConfig, name, *flags, default="default: the model's")
     t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")
     t.add_argument("--lookup-tables", action="store_true", help="mlp: compute the embedding and the first Linear as "
@@ -160,6 +156,10 @@ def build_parser():
     d.add_argument("-o", "--work-dir", default="out", help="the run's directory, where they are written (default out)")
     add_device(d)
     d.set_defaults(run=run_diagnose)
+    for command, p in sub.choices.items():  # the settings other commands take too: each field names its commands
+        if command != "train":
+            for name, flags in flagged(TrainConfig, command).items():
+                add_setting(p, TrainConfig, name, *flags)
     return parser
 
 
@@ -171,11 +171,11 @@ def resolve_device(name):
 
 def overrides(args, device):
     """What the train command's flags ask for: the settings they set, and nothing else."""
-    model = {name: getattr(args, name) for name in MODEL_FLAGS}
+    model = {name: getattr(args, name) for name in flagged(ModelConfig)}
     model["batchnorm"] = False if args.no_batchnorm else None
     model["lookup_tables"] = True if args.lookup_tables else None
     model["bessel"] = None if args.bn_variance is None else args.bn_variance == "bessel"
-    train = {name: getattr(args, name) for name in TRAIN_FLAGS} | {"device": device}
+    train = {name: getattr(args, name) for name in flagged(TrainConfig)} | {"device": device}
     train |= {"diagnostics_every": args.diagnostics_every, "tensorboard": args.tensorboard or None}
     return Overrides(args.model, {k: v for k, v in model.items() if v is not None},
                      {k: v for k, v in train.items() if v is not None}, args.diagnostics)

@@ -21,16 +21,17 @@ COMPILE_MODES = ("auto", "on", "off")
 AUTO_COMPILE_STEPS = 10_000     # --compile auto compiles runs this long or longer: compiling takes 5-60 s, once
 
 
-def setting(default, help, low=None, high=None, choices=None, flags=()):
-    """A config field with its help text, the values it may take (a range, or choices), and the flags of
-    `handprop train` that set it (none: set another way, or not by the user)."""
+def setting(default, help, low=None, high=None, choices=None, flags=(), commands=("train",), resumable=False):
+    """A config field: its help text, the values it may take (a range, or choices), the flags that set it (none:
+    set another way, or not by the user) and the commands that take them, and whether a resumed run may change it."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices,
-                                            "flags": flags})
+                                            "flags": flags, "commands": commands, "resumable": resumable})
 
 
-def flagged(cls):
-    """{field name: its flags} for the fields of cls that a flag of `handprop train` sets, in field order."""
-    return {f.name: f.metadata["flags"] for f in fields(cls) if f.metadata["flags"]}
+def flagged(cls, command="train"):
+    """{field name: its flags} for the fields of cls that a flag of the command sets, in field order."""
+    return {f.name: f.metadata["flags"] for f in fields(cls)
+            if f.metadata["flags"] and command in f.metadata["commands"]}
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = setting(200_000, "optimisation steps", 1, 10**9, flags=("--max-steps",))
+    max_steps: int = setting(200_000, "optimisation steps", 1, 10**9, flags=("--max-steps",), resumable=True)
     batch_size: int = setting(32, "examples per step, drawn with replacement", 1, 10**6, flags=("-b", "--batch-size"))
     lr: float = setting(0.1, "learning rate before the decay", 1e-9, 100.0, flags=("-l", "--lr"))
     schedule: str = setting("step", "learning rate: step (the lectures: lr, then lr/10 from --lr-decay-at) or "
@@ -82,16 +83,16 @@ class TrainConfig:
                                   flags=("-w", "--weight-decay"))
     seed: int = setting(2147483647, "seeds the init and the batch order (the lecture's generator seed)", 0, 2**63 - 1,
                         flags=("--seed",))
-    device: str = setting("cpu", "where the tensors live", choices=DEVICES)
+    device: str = setting("cpu", "where the tensors live", choices=DEVICES, resumable=True)
     compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on; off, op by op; "
                            f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES,
-                           flags=("--compile",))
+                           flags=("--compile",), resumable=True)
     log_every: int = setting(10_000, "steps between log lines when the output is not a terminal", 1, 10**9,
-                             flags=("--log-every",))
+                             flags=("--log-every",), resumable=True)
     save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9,
-                              flags=("--save-every",))
-    diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9)
-    tensorboard: bool = setting(False, "also log the recorded statistics as TensorBoard events")
+                              flags=("--save-every",), resumable=True)
+    diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9, resumable=True)
+    tensorboard: bool = setting(False, "also log the recorded statistics as TensorBoard events", resumable=True)
 
 
 def check_field(config, f):

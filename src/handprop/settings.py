@@ -59,8 +59,8 @@ RECIPES = {
                                weight_decay=0.1, grad_clip=1.0, save_every=2000, log_every=2000),
 }
 
-# settings a resumed run may change: how often it reports and saves, where it runs, and how far it goes
-RESUME_MAY_CHANGE = ("max_steps", "device", "compile", "log_every", "save_every", "diagnostics_every", "tensorboard")
+# settings a resumed run may change (each field says so): how often it reports and saves, where it runs, how far it goes
+RESUME_MAY_CHANGE = tuple(f.name for f in fields(TrainConfig) if f.metadata["resumable"])
 
 # a recipe's warmup that would fill a run shorter than it is cut to this fraction of the run
 SHORT_RUN_WARMUP = 0.1
