@@ -94,9 +94,8 @@ def build_parser():
     t.add_argument("--model", default=None, choices=list(PRESETS), help="named configuration (default mlp: lecture 4, "
                    "exercise 4)")
     for name, flags in flagged(TrainConfig).items():
-        mlp_default = format_number(getattr(recipe(DEFAULT_MODEL), name))
-        add_setting(t, TrainConfig, name, *flags,
-                    default=f"default: the model's recipe; {DEFAULT_MODEL}'s is {mlp_default}")
+        value = format_number(getattr(recipe(DEFAULT_MODEL), name))
+        add_setting(t, TrainConfig, name, *flags, default=f"default: the model's recipe; {DEFAULT_MODEL}'s is {value}")
     for name, flags in flagged(ModelConfig).items():
         add_setting(t, ModelConfig, name, *flags, default="default: the model's")
     t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")

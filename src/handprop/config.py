@@ -131,7 +131,8 @@ def validate_model(config):
         raise UserError(f"{config.kind} needs a --block-size of at least 1, got {config.block_size} (0 means the "
                         "longest item + 1, for whole-item models only)")
     if config.lookup_tables and config.kind != "mlp":
-        raise UserError(f"lookup tables replace an mlp's first layer; {config.kind} has none to replace")
+        raise UserError(f"lookup tables replace an mlp's first layer; {config.kind} has none to replace (leave out "
+                        "--lookup-tables)")
     if config.kind == "transformer" and config.n_embd % config.n_head:
         raise UserError(f"the transformer's n_embd ({config.n_embd}) must be a multiple of its heads ({config.n_head})")
     if config.kind == "wavenet":
