@@ -23,11 +23,13 @@ import torch
 from handprop.config import TrainConfig
 from handprop.data import load_corpus, make_splits, sample_batch
 from handprop.diagnostics import Diagnostics, NoDiagnostics
+from handprop.evaluation import split_loss
 from handprop.layers import Sequential
 from handprop.losses import CrossEntropy
-from handprop.models import preset
 from handprop.optim import lecture_lr
-from handprop.train import Log, Progress, prepare, run_steps, split_loss
+from handprop.progress import Log, Progress
+from handprop.settings import preset
+from handprop.train import prepare, run_steps
 
 
 class PlainSequential(Sequential):

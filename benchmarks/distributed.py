@@ -28,9 +28,11 @@ import torch.distributed as dist
 
 from handprop.data import load_corpus, sample_batch
 from handprop.distributed import launched
-from handprop.models import count_parameters, describe, preset, recipe
+from handprop.losses import loss_for
+from handprop.models import count_parameters, describe
 from handprop.optim import clip_grad_norm, make_schedule
-from handprop.train import loss_for, prepare
+from handprop.settings import preset, recipe
+from handprop.train import prepare
 
 DEFAULT_STEPS = {"mlp": 2000, "wavenet": 300, "gru": 40, "transformer": 40}   # a turn of a few seconds
 

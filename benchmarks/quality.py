@@ -37,11 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from handprop.data import IGNORED, load_corpus, sample_batch
+from handprop.evaluation import evaluate, recalibrate_batchnorm
 from handprop.gradcheck import twin_forward
 from handprop.layers import BatchNorm1d
-from handprop.models import PRESETS, build_model, count_parameters, describe, preset, recipe
+from handprop.losses import loss_for
+from handprop.models import build_model, count_parameters, describe
 from handprop.optim import SGD, clip_grad_norm, make_optimizer, make_schedule
-from handprop.train import Run, evaluate, loss_for, new_run, prepare, recalibrate_batchnorm
+from handprop.settings import PRESETS, preset, recipe
+from handprop.train import Run, new_run, prepare
 
 VAL_TOLERANCE = 0.005       # acceptance: |final val loss by hand - by autograd|
 

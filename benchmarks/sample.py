@@ -40,8 +40,9 @@ from handprop.config import SEQUENCE_KINDS
 from handprop.data import load_corpus
 from handprop.errors import UserError
 from handprop.layers import eval_mode
-from handprop.models import describe, preset, recipe
+from handprop.models import describe
 from handprop.sample import generate, generate_sequences, sample_length
+from handprop.settings import preset, recipe
 from handprop.train import train
 
 LOGIT_TOLERANCE = 1e-5      # max |cached - recomputed| logit, float32

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from handprop.compiled import CompiledStep
 from handprop.data import IGNORED, load_corpus
 from handprop.gradcheck import twin_forward
-from handprop.models import PRESETS, count_parameters, describe, preset, recipe
+from handprop.losses import loss_for
+from handprop.models import count_parameters, describe
 from handprop.optim import clip_grad_norm, make_optimizer, make_schedule
-from handprop.train import loss_for, new_run, prepare
+from handprop.settings import PRESETS, preset, recipe
+from handprop.train import new_run, prepare
 
 TABLE = ("mlp", "wavenet", "mlp-fast", "bigram", "rnn", "gru", "transformer")  # the README's table of models
 DEFAULT_STEPS = {"mlp": 3000, "mlp-part3": 3000, "deep": 1000, "wavenet": 1000, "mlp-fast": 200, "bigram": 3000,

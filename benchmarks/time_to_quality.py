@@ -1,6 +1,6 @@
 """Time to quality: seconds of training until the fast recipe reaches val 2.10 and 2.00, by hand and by autograd.
 
-The recipe is `handprop train --model mlp-fast` (models.PRESETS and RECIPES): a wider MLP
+The recipe is `handprop train --model mlp-fast` (settings.PRESETS and RECIPES): a wider MLP
 over 8 characters of context with AdamW, batch 512, warmup and cosine decay. Every run starts
 from the same init and draws the same batches. The hand-written runs are train.run_steps' step
 (forward, backward, update, all by hand, autograd off), eager ("hand") and compiled as
@@ -23,10 +23,13 @@ import torch
 
 from handprop.compiled import CompiledStep
 from handprop.data import load_corpus
+from handprop.evaluation import split_loss
 from handprop.gradcheck import twin_forward
-from handprop.models import PRESETS, count_parameters, describe, preset, recipe
+from handprop.losses import loss_for
+from handprop.models import count_parameters, describe
 from handprop.optim import make_schedule
-from handprop.train import loss_for, new_run, prepare, split_loss
+from handprop.settings import PRESETS, preset, recipe
+from handprop.train import new_run, prepare
 
 TARGETS = (2.10, 2.00)      # val losses; acceptance: within 5 s and 30 s of training by hand
 

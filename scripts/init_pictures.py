@@ -15,8 +15,8 @@ from handprop.checkpoint import atomic_write
 from handprop.config import TrainConfig
 from handprop.data import load_corpus
 from handprop.diagnostics import FILENAME, load_history
-from handprop.models import preset
 from handprop.report import plot_activations, png_bytes
+from handprop.settings import preset
 from handprop.train import train
 
 TITLES = {

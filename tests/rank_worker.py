@@ -22,7 +22,8 @@ from handprop.data import load_corpus
 from handprop.distributed import launched, shard_rows
 from handprop.errors import UserError
 from handprop.layers import BatchNorm1d
-from handprop.models import build_model, preset, recipe
+from handprop.models import build_model
+from handprop.settings import preset, recipe
 
 # name -> (preset, model overrides, train overrides, dtype): the library-level runs both sides compare
 RUNS = {

@@ -9,9 +9,11 @@ from cli_runner import run_main
 from handprop.compiled import CompiledStep
 from handprop.data import Corpus, make_splits
 from handprop.layers import Dropout, walk
-from handprop.models import build_model, preset, recipe
+from handprop.losses import loss_for
+from handprop.models import build_model
 from handprop.optim import SGD, clip_grad_norm, make_optimizer
-from handprop.train import Interrupted, interruption, loss_for
+from handprop.settings import preset, recipe
+from handprop.stops import Interrupted, interruption
 
 # every model of the README's table, made small where compiling it would take long (unrolled steps, blocks)
 MODELS = {"mlp": {}, "wavenet": {}, "mlp-fast": {}, "bigram": {}, "rnn": {"n_hidden": 16},

@@ -14,11 +14,14 @@ from handprop.cli import main
 from handprop.config import TrainConfig
 from handprop.data import IGNORED, load_corpus, make_splits, sample_batch
 from handprop.diagnostics import FILENAME, Diagnostics, load_history
+from handprop.evaluation import make_run_splits
 from handprop.gradcheck import part_params, twin_forward
 from handprop.layers import Residual, Sequential, walk
-from handprop.models import build_model, preset, recipe
+from handprop.losses import loss_for
+from handprop.models import build_model
 from handprop.optim import clip_grad_norm, make_optimizer, make_schedule
-from handprop.train import loss_for, make_run_splits, train
+from handprop.settings import preset, recipe
+from handprop.train import train
 
 
 def recording_twin(layer, x, params, path, outputs):

@@ -1,6 +1,8 @@
 """handprop's modules import only from below: the package's internal import graph has no cycle."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import handprop
@@ -85,3 +87,29 @@ def test_the_grader_and_the_exercises_both_stand_on_the_lecture():
     graph = import_graph()
     assert "ninja.lecture" in graph["ninja.grade"] and "ninja.solutions" not in graph["ninja.grade"]
     assert graph["ninja.lecture"] <= {"data", "models"}
+
+
+def reachable(graph, module):
+    """Every module that importing module loads, itself included."""
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(graph[current])
+    return seen
+
+
+def test_evaluation_and_sampling_stand_without_the_training_loop():
+    graph = import_graph()
+    for module in ("evaluation", "sample", "settings", "workdir", "progress", "stops", "memory"):
+        assert "train" not in reachable(graph, module), module
+
+
+def test_eval_and_sample_do_not_load_the_training_loop(trained_dir):
+    work_dir = repr(str(trained_dir))
+    script = ("import sys; from handprop.cli import main\n"
+              f"for argv in (['eval', '-o', {work_dir}], ['sample', '-n', '2', '-o', {work_dir}]):\n"
+              "    assert main(argv) == 0\n"
+              "assert 'handprop.train' not in sys.modules")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)

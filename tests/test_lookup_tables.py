@@ -11,7 +11,8 @@ from handprop.checkpoint import write_checkpoint
 from handprop.gradcheck import compare, layer_cases
 from handprop.layers import BatchNorm1d, LookupLinear
 from handprop.losses import CrossEntropy
-from handprop.models import build_model, preset
+from handprop.models import build_model
+from handprop.settings import preset
 
 
 def twin_models(name, **overrides):

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from handprop.data import IGNORED, Vocab, build_sequences, load_corpus, sample_batch
 from handprop.gradcheck import twin_forward
 from handprop.layers import Dropout, walk
-from handprop.losses import CrossEntropy
-from handprop.models import build_model, preset, recipe
+from handprop.losses import CrossEntropy, loss_for
+from handprop.models import build_model
 from handprop.optim import SGD, AdamW, clip_grad_norm, make_optimizer
-from handprop.train import loss_for
+from handprop.settings import preset, recipe
 
 
 def model_and_batch(name, seed=0):

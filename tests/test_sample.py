@@ -11,8 +11,9 @@ from cli_runner import run_main
 from handprop.checkpoint import load_checkpoint
 from handprop.data import Vocab
 from handprop.layers import eval_mode
-from handprop.models import build_model, preset
+from handprop.models import build_model
 from handprop.sample import CHUNK, Sampling, decode_lines, draw, mlp_logits, sample_length, stream_samples
+from handprop.settings import preset
 
 PRECISIONS = [(torch.float64, 1e-12), (torch.float32, 1e-5)]   # largest difference, relative to the largest logit
 

@@ -94,9 +94,7 @@ def test_the_seed_limit_is_printed_in_full(command, capsys, monkeypatch):
     ["eval", "--device", "tpu"],
     ["eval", "--bogus"],
     ["frobnicate"],
-    [],
-], ids=["train range", "train choice", "sample number", "eval choice", "eval unknown flag", "bad subcommand",
-        "no subcommand"])
+], ids=["train range", "train choice", "sample number", "eval choice", "eval unknown flag", "bad subcommand"])
 def test_flag_errors_say_handprop_error_like_every_other_error(argv, capsys):
     status, _, err = run_main(argv, capsys)
     assert_one_error_line(status, err)

@@ -11,8 +11,8 @@ from handprop.checkpoint import load_checkpoint
 from handprop.cli import main
 from handprop.data import load_corpus, split_items
 from handprop.losses import CrossEntropy, SequenceCrossEntropy
-from handprop.models import preset, recipe
 from handprop.sample import generate
+from handprop.settings import preset, recipe
 from handprop.train import train
 
 TINY = {"rnn": {"n_embd": 8, "n_hidden": 16}, "gru": {"n_embd": 8, "n_hidden": 16},

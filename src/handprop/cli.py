@@ -5,31 +5,25 @@ import math
 import os
 import signal
 import sys
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from . import __version__
 from .checkpoint import BEST, LATEST, check_same_corpus, load_checkpoint
-from .config import (
-    DEVICES,
-    RESUME_MAY_CHANGE,
-    ModelConfig,
-    TrainConfig,
-    changed_settings,
-    format_number,
-    preset_config,
-    validate_train,
-)
+from .config import DEVICES, ModelConfig, TrainConfig, flagged, format_number
 from .data import load_corpus
 from .distributed import RankLost, launched
 from .errors import UserError
+from .evaluation import evaluate, format_losses, make_run_splits
 from .gradcheck import check_layers
-from .models import PRESETS, preset, recipe
 from .ninja.grade import grade_script
 from .ninja.solutions import check_report
 from .sample import Sampling, stream_samples
-from .train import Interrupted, check_work_dir, evaluate, format_losses, make_run_splits, train
+from .settings import DEFAULT_MODEL, PRESETS, Overrides, check_ranks, new_settings, recipe, resumed_settings
+from .stops import Interrupted
+from .workdir import check_work_dir, saved_run
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,15 +65,6 @@ def add_setting(parser, cls, name, *flags, default=None):
                         metavar="N" if kind is int else "X", help=f"{rules['help']} ({shown}; {span})")
 
 
-MODEL_FLAGS = {"block_size": "--block-size", "n_embd": "--n-embd", "n_hidden": "--n-hidden",
-               "n_layers": "--n-layers", "n_head": "--n-head", "dropout": "--dropout", "init": "--init"}
-TRAIN_FLAGS = {"max_steps": ("--max-steps",), "batch_size": ("-b", "--batch-size"), "lr": ("-l", "--lr"),
-               "schedule": ("--schedule",), "lr_decay_at": ("--lr-decay-at",), "warmup": ("--warmup",),
-               "min_lr": ("--min-lr",), "grad_clip": ("--grad-clip",), "optimizer": ("--optimizer",),
-               "weight_decay": ("-w", "--weight-decay"), "seed": ("--seed",), "save_every": ("--save-every",),
-               "log_every": ("--log-every",), "compile": ("--compile",)}
-
-
 def add_best(p):
     p.add_argument("--best", action="store_true",
                    help=f"use {BEST} (lowest val loss at a save) instead of the latest {LATEST}")
@@ -94,23 +79,25 @@ def add_device(p):
 
 
 def build_parser():
-    parser = Parser(prog="handprop", description="Character-level language models with every gradient written by hand.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser = Parser(prog="handprop", description="Character-level language models with every gradient written by hand.",
+                    epilog="`handprop COMMAND --help` lists a command's flags")
+    parser.add_argument("--version", action="version", version=f"handprop {__version__}")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model on a file of items, one per line")
     t.add_argument("-i", "--input-file", default=None,
                    help="UTF-8 text, one item per line; - reads standard input (default: bundled names.txt)")
     t.add_argument("-o", "--work-dir", default="out", help="where checkpoints are saved (default out)")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run saved in the work dir exactly where it stopped (a larger --max-steps "
-                        "extends a finished one)")
+                   help="continue the run saved in the work dir exactly where it stopped (there must be one; a larger "
+                        "--max-steps extends a finished one)")
     t.add_argument("--model", default=None, choices=list(PRESETS), help="named configuration (default mlp: lecture 4, "
                    "exercise 4)")
-    for name, flags in TRAIN_FLAGS.items():
-        mlp_default = format_number(getattr(recipe("mlp"), name))
-        add_setting(t, TrainConfig, name, *flags, default=f"default: the model's recipe; mlp's is {mlp_default}")
-    for name, flag in MODEL_FLAGS.items():
-        add_setting(t, ModelConfig, name, flag, default="default: the model's")
+    for name, flags in flagged(TrainConfig).items():
+        value = format_number(getattr(recipe(DEFAULT_MODEL), name))
+        add_setting(t, TrainConfig, name, *flags, default=f"default: the model's recipe; {DEFAULT_MODEL}'s is {value}")
+    for name, flags in flagged(ModelConfig).items():
+        add_setting(t, ModelConfig, name, *flags, default="default: the model's")
     t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")
     t.add_argument("--lookup-tables", action="store_true", help="mlp: compute the embedding and the first Linear as "
                    "per-position lookup tables (the same function; far faster for batches much larger than the "
@@ -168,6 +155,10 @@ def build_parser():
     d.add_argument("-o", "--work-dir", default="out", help="the run's directory, where they are written (default out)")
     add_device(d)
     d.set_defaults(run=run_diagnose)
+    for command, p in sub.choices.items():  # the settings other commands take too: each field names its commands
+        if command != "train":
+            for name, flags in flagged(TrainConfig, command).items():
+                add_setting(p, TrainConfig, name, *flags)
     return parser
 
 
@@ -177,55 +168,16 @@ def resolve_device(name):
     return name
 
 
-def model_overrides(args):
-    """The model fields the flags set (the rest come from the preset or the saved run)."""
-    given = {name: getattr(args, name) for name in MODEL_FLAGS}
-    given["batchnorm"] = False if args.no_batchnorm else None
-    given["lookup_tables"] = True if args.lookup_tables else None
-    given["bessel"] = None if args.bn_variance is None else args.bn_variance == "bessel"
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def train_overrides(args, device):
-    """The training fields the flags set, the device included."""
-    given = {name: getattr(args, name) for name in TRAIN_FLAGS} | {"device": device}
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def diagnostics_settings(args, max_steps):
-    """TrainConfig fields from --diagnostics, --diagnostics-every, --tensorboard; none given changes nothing."""
-    if not (args.diagnostics or args.tensorboard or args.diagnostics_every):
-        return {}                           # a resumed run goes on recording as it did
-    every = args.diagnostics_every or max(1, max_steps // 100)
-    return {"diagnostics_every": every, "tensorboard": args.tensorboard}
-
-
-def new_configs(args, device):
-    """The model and training configs of a new run: the preset, changed by the flags."""
-    model_config = preset(args.model or "mlp", **model_overrides(args))
-    config = replace(recipe(args.model or "mlp"), **train_overrides(args, device))
-    config = replace(config, **diagnostics_settings(args, config.max_steps))
-    return model_config, validate_train(config, model_config)
-
-
-def resumed_configs(args, device, checkpoint):
-    """The saved configs; flags may repeat them, and change only what RESUME_MAY_CHANGE lists."""
-    saved_model, saved = checkpoint.spec.model_config, checkpoint.spec.train_config
-    overrides = model_overrides(args)
-    requested_model = preset(args.model, **overrides) if args.model else preset_config(saved_model, **overrides)
-    if requested_model.block_size == 0:     # a sequence model's positions, set from the corpus when the run began
-        requested_model = replace(requested_model, block_size=saved_model.block_size)
-    config = replace(saved, **train_overrides(args, device))
-    config = replace(config, **diagnostics_settings(args, config.max_steps))
-    differing = changed_settings(saved_model, requested_model, allowed=("vocab_size",))
-    differing += changed_settings(saved, config, allowed=RESUME_MAY_CHANGE)
-    if differing:
-        raise UserError(f"--resume continues the saved run, but these settings differ from it: {', '.join(differing)}"
-                        f" (only {', '.join(RESUME_MAY_CHANGE)} may change)")
-    if config.max_steps < checkpoint.step:
-        raise UserError(f"the run in {args.work_dir} is at step {checkpoint.step} already; --max-steps "
-                        f"{config.max_steps} would end it before that")
-    return saved_model, validate_train(config, saved_model)
+def overrides(args, device):
+    """What the train command's flags ask for: the settings they set, and nothing else."""
+    model = {name: getattr(args, name) for name in flagged(ModelConfig)}
+    model["batchnorm"] = False if args.no_batchnorm else None
+    model["lookup_tables"] = True if args.lookup_tables else None
+    model["bessel"] = None if args.bn_variance is None else args.bn_variance == "bessel"
+    train = {name: getattr(args, name) for name in flagged(TrainConfig)} | {"device": device}
+    train |= {"diagnostics_every": args.diagnostics_every, "tensorboard": args.tensorboard or None}
+    return Overrides(args.model, {k: v for k, v in model.items() if v is not None},
+                     {k: v for k, v in train.items() if v is not None}, args.diagnostics)
 
 
 def run_train(args):
@@ -233,27 +185,27 @@ def run_train(args):
     world = launched(device)                # alone, or a rank of a torchrun launch
     if world.is_main:                       # the others would race it for the directory's lock
         check_work_dir(args.work_dir)
-    latest = Path(args.work_dir) / LATEST
-    checkpoint = None
-    if latest.exists():
-        if not args.resume:
-            raise UserError(f"{args.work_dir} already holds a run; continue it with --resume, or choose another -o")
-        checkpoint = load_checkpoint(latest, device)
-    elif args.resume:
-        print(f"no checkpoint in {args.work_dir} yet: starting from step 0")
+    checkpoint = saved_run(args.work_dir, args.resume, device)
     if checkpoint is None:
-        model_config, config = new_configs(args, device)
+        settings = new_settings(overrides(args, device))
         corpus = load_corpus(args.input_file)
     else:
-        model_config, config = resumed_configs(args, device, checkpoint)
+        settings = resumed_settings(overrides(args, device), checkpoint, args.work_dir)
         corpus = trained_corpus(checkpoint.spec, args.input_file)
-        if checkpoint.finished and config.max_steps == checkpoint.step:
+        if checkpoint.finished and settings.train_config.max_steps == checkpoint.step:
             print(f"{args.work_dir} holds a finished run ({checkpoint.step} steps): {format_losses(checkpoint.losses)}"
                   f"; to train it further, resume with a larger --max-steps")
             return
-    world.check_batch(config.batch_size)
+    check_ranks(settings.train_config, world.size, resumed=checkpoint is not None)
+    world.check_batch(settings.train_config.batch_size)
+    if world.is_main:
+        for note in settings.notes:
+            print(note)
+    # imported here: eval and sample never need the training loop, nor the compiler it brings in
+    from .train import train
     with world.joined():                    # every rank has read and checked its inputs before rank 0 writes
-        train(corpus, model_config, config, args.work_dir, resume_from=checkpoint, world=world)
+        train(corpus, settings.model_config, settings.train_config, args.work_dir, resume_from=checkpoint,
+              world=world)
     if args.diagnostics and world.is_main:
         draw_report(args.work_dir, device)
 
@@ -300,6 +252,10 @@ def run_eval(args):
     spec = checkpoint.spec
     corpus = trained_corpus(spec, args.input_file)
     splits = make_run_splits(corpus, spec.model_config, spec.vocab, args.device)
+    if not checkpoint.finished:             # not the run's final losses: say which step they are of
+        print(f"{BEST if args.best else LATEST} in {args.work_dir} is at step {checkpoint.step} of "
+              f"{spec.train_config.max_steps}: the run had not finished when it was saved (it is still training, "
+              "or it stopped; handprop train --resume continues it)")
     with torch.inference_mode():
         print(format_losses(evaluate(checkpoint.model, splits)))
 
@@ -315,7 +271,11 @@ def run_grade(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:                # bare `handprop`: what it can do, a line each
+        parser.print_help()
+        return 0
     try:
         status = args.run(args) or 0
         sys.stdout.flush()                  # a closed pipe fails here, inside this try, rather than at exit

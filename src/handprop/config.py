@@ -2,8 +2,7 @@
 
 The command line builds its flags from these fields (cli.py), and a checkpoint's configs are
 read back through the same checks (config_from_dict), so a setting is validated the same way
-whether it came from a flag or from a file. RESUME_MAY_CHANGE says which settings a resumed
-run may change.
+whether it came from a flag or from a file. settings.py works out a run's values from them.
 """
 
 import math
@@ -22,9 +21,17 @@ COMPILE_MODES = ("auto", "on", "off")
 AUTO_COMPILE_STEPS = 10_000     # --compile auto compiles runs this long or longer: compiling takes 5-60 s, once
 
 
-def setting(default, help, low=None, high=None, choices=None):
-    """A config field with its help text and the values it may take (a range, or choices)."""
-    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+def setting(default, help, low=None, high=None, choices=None, flags=(), commands=("train",), resumable=False):
+    """A config field: its help text, the values it may take (a range, or choices), the flags that set it (none:
+    set another way, or not by the user) and the commands that take them, and whether a resumed run may change it."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices,
+                                            "flags": flags, "commands": commands, "resumable": resumable})
+
+
+def flagged(cls, command="train"):
+    """{field name: its flags} for the fields of cls that a flag of the command sets, in field order."""
+    return {f.name: f.metadata["flags"] for f in fields(cls)
+            if f.metadata["flags"] and command in f.metadata["commands"]}
 
 
 @dataclass(frozen=True)
@@ -33,12 +40,14 @@ class ModelConfig:
                         "(whole items)", choices=MODEL_KINDS)
     vocab_size: int = setting(27, "tokens, the boundary included (set from the corpus)", 2, 1_000_000)
     block_size: int = setting(3, "characters of context; whole-item models: positions, 0 = longest item + 1",
-                              0, 1024)
-    n_embd: int = setting(10, "embedding size per character", 1, 4096)
-    n_hidden: int = setting(200, "units per hidden layer (rnn, gru: the hidden state)", 1, 16384)
-    n_layers: int = setting(1, "hidden layers or transformer blocks (wavenet: log2 of the block size)", 1, 64)
-    n_head: int = setting(4, "attention heads per transformer block (n_embd must be a multiple)", 1, 256)
-    dropout: float = setting(0.0, "transformer dropout probability, in training only", 0.0, 0.9)
+                              0, 1024, flags=("--block-size",))
+    n_embd: int = setting(10, "embedding size per character", 1, 4096, flags=("--n-embd",))
+    n_hidden: int = setting(200, "units per hidden layer (rnn, gru: the hidden state)", 1, 16384, flags=("--n-hidden",))
+    n_layers: int = setting(1, "hidden layers or transformer blocks (wavenet: log2 of the block size)", 1, 64,
+                            flags=("--n-layers",))
+    n_head: int = setting(4, "attention heads per transformer block (n_embd must be a multiple)", 1, 256,
+                          flags=("--n-head",))
+    dropout: float = setting(0.0, "transformer dropout probability, in training only", 0.0, 0.9, flags=("--dropout",))
     lookup_tables: bool = setting(False, "mlp: the embedding and the first Linear as per-position lookup tables "
                                   "(the same function; far faster when the batch is much larger than the vocabulary)")
     hidden_bias: bool = setting(True, "a bias in the hidden Linear layers (the lecture's exercise 4 keeps b1)")
@@ -46,7 +55,7 @@ class ModelConfig:
     bessel: bool = setting(True, "BatchNorm normalises with the n-1 variance (lecture) instead of n (PyTorch)")
     bn_momentum: float = setting(0.001, "BatchNorm running-statistics momentum", 0.0, 1.0)
     init: str = setting("lecture", "lecture: Kaiming with gain 5/3, a small output layer; naive: unit randn",
-                        choices=INITS)
+                        choices=INITS, flags=("--init",))
 
     @property
     def form(self):
@@ -56,29 +65,34 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = setting(200_000, "optimisation steps", 1, 10**9)
-    batch_size: int = setting(32, "examples per step, drawn with replacement", 1, 10**6)
-    lr: float = setting(0.1, "learning rate before the decay", 1e-9, 100.0)
+    max_steps: int = setting(200_000, "optimisation steps", 1, 10**9, flags=("--max-steps",), resumable=True)
+    batch_size: int = setting(32, "examples per step, drawn with replacement", 1, 10**6, flags=("-b", "--batch-size"))
+    lr: float = setting(0.1, "learning rate before the decay", 1e-9, 100.0, flags=("-l", "--lr"))
     schedule: str = setting("step", "learning rate: step (the lectures: lr, then lr/10 from --lr-decay-at) or "
-                            "cosine (linear warmup, then cosine decay to --min-lr)", choices=SCHEDULES)
-    lr_decay_at: float = setting(0.5, "step schedule: fraction of the steps after which lr drops 10x", 0.0, 1.0)
-    warmup: int = setting(0, "cosine schedule: steps of linear warmup", 0, 10**9)
-    min_lr: float = setting(0.0, "cosine schedule: the learning rate at the last step", 0.0, 100.0)
-    grad_clip: float = setting(0.0, "clip the gradients' global L2 norm to this; 0 does not clip", 0.0, 1e6)
-    optimizer: str = setting("sgd", "update rule: sgd (the lecture) or adamw", choices=OPTIMIZERS)
-    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay (adamw only)", 0.0, 1.0)
-    seed: int = setting(2147483647, "seeds the init and the batch order (the lecture's generator seed)", 0, 2**63 - 1)
-    device: str = setting("cpu", "where the tensors live", choices=DEVICES)
+                            "cosine (linear warmup, then cosine decay to --min-lr)", choices=SCHEDULES,
+                            flags=("--schedule",))
+    lr_decay_at: float = setting(0.5, "step schedule: fraction of the steps after which lr drops 10x", 0.0, 1.0,
+                                 flags=("--lr-decay-at",))
+    warmup: int = setting(0, "cosine schedule: steps of linear warmup", 0, 10**9, flags=("--warmup",))
+    min_lr: float = setting(0.0, "cosine schedule: the learning rate at the last step", 0.0, 100.0, flags=("--min-lr",))
+    grad_clip: float = setting(0.0, "clip the gradients' global L2 norm to this; 0 does not clip", 0.0, 1e6,
+                               flags=("--grad-clip",))
+    optimizer: str = setting("sgd", "update rule: sgd (the lecture) or adamw", choices=OPTIMIZERS,
+                             flags=("--optimizer",))
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay (adamw only)", 0.0, 1.0,
+                                  flags=("-w", "--weight-decay"))
+    seed: int = setting(2147483647, "seeds the init and the batch order (the lecture's generator seed)", 0, 2**63 - 1,
+                        flags=("--seed",))
+    device: str = setting("cpu", "where the tensors live", choices=DEVICES, resumable=True)
     compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on; off, op by op; "
-                           f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES)
-    log_every: int = setting(10_000, "steps between log lines when the output is not a terminal", 1, 10**9)
-    save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9)
-    diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9)
-    tensorboard: bool = setting(False, "also log the recorded statistics as TensorBoard events")
-
-
-# settings a resumed run may change: how often it reports and saves, where it runs, and how far it goes
-RESUME_MAY_CHANGE = ("max_steps", "device", "compile", "log_every", "save_every", "diagnostics_every", "tensorboard")
+                           f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES,
+                           flags=("--compile",), resumable=True)
+    log_every: int = setting(10_000, "steps between log lines when the output is not a terminal", 1, 10**9,
+                             flags=("--log-every",), resumable=True)
+    save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9,
+                              flags=("--save-every",), resumable=True)
+    diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9, resumable=True)
+    tensorboard: bool = setting(False, "also log the recorded statistics as TensorBoard events", resumable=True)
 
 
 def check_field(config, f):
@@ -117,7 +131,8 @@ def validate_model(config):
         raise UserError(f"{config.kind} needs a --block-size of at least 1, got {config.block_size} (0 means the "
                         "longest item + 1, for whole-item models only)")
     if config.lookup_tables and config.kind != "mlp":
-        raise UserError(f"lookup tables replace an mlp's first layer; {config.kind} has none to replace")
+        raise UserError(f"lookup tables replace an mlp's first layer; {config.kind} has none to replace (leave out "
+                        "--lookup-tables)")
     if config.kind == "transformer" and config.n_embd % config.n_head:
         raise UserError(f"the transformer's n_embd ({config.n_embd}) must be a multiple of its heads ({config.n_head})")
     if config.kind == "wavenet":
@@ -136,9 +151,10 @@ def validate_train(config, model_config):
         check_field(config, f)
     if config.weight_decay and config.optimizer != "adamw":
         raise UserError(f"weight decay is applied by adamw only; with {config.optimizer} it would do nothing "
-                        "(add --optimizer adamw, or drop -w)")
+                        "(add --optimizer adamw, or -w 0)")
     if config.schedule == "cosine" and config.warmup >= config.max_steps:
-        raise UserError(f"--warmup {config.warmup} leaves no steps to decay over (max-steps {config.max_steps})")
+        raise UserError(f"--warmup {config.warmup} leaves no steps to decay over (max-steps {config.max_steps}): "
+                        "warm up for fewer steps than the run takes")
     if config.schedule == "cosine" and config.min_lr > config.lr:
         raise UserError(f"--min-lr {config.min_lr:g} is above the learning rate {config.lr:g}")
     if config.batch_size < 2 and model_config.batchnorm and model_config.kind in WINDOW_KINDS:

@@ -1,4 +1,4 @@
-"""Named model configurations, each built as a Sequential of hand-differentiated layers.
+"""The models, each built from its ModelConfig as a Sequential of hand-differentiated layers.
 
 Window models (mlp, wavenet) read block_size characters and predict the next one; sequence
 models (bigram, rnn, gru, transformer) read a whole item and predict every next character.
@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .config import SEQUENCE_KINDS, ModelConfig, TrainConfig, preset_config, validate_model
+from .config import SEQUENCE_KINDS, validate_model
 from .errors import UserError
 from .layers import (
     GELU,
@@ -31,46 +31,6 @@ from .layers import (
 )
 
 TANH_GAIN = 5 / 3           # Kaiming gain for tanh (He et al. 2015; torch.nn.init.calculate_gain)
-
-
-PRESETS = {
-    "mlp": ModelConfig(),                                                   # lecture part 4, exercise 4
-    "mlp-part3": ModelConfig(hidden_bias=False),                            # lecture part 3: 12097 params
-    "deep": ModelConfig(n_hidden=100, n_layers=5, hidden_bias=False),       # part 3's deeper net
-    "wavenet": ModelConfig(kind="wavenet", block_size=8, n_embd=24, n_hidden=128, n_layers=3,   # part 5
-                           hidden_bias=False),
-    # a good names model in seconds: wider, more context, no BatchNorm to recalibrate (RECIPES below)
-    "mlp-fast": ModelConfig(block_size=8, n_embd=48, n_hidden=512, batchnorm=False, lookup_tables=True),
-    # makemore's models, block_size 0 = as many positions as the longest item needs
-    "bigram": ModelConfig(kind="bigram", block_size=0, batchnorm=False),
-    "rnn": ModelConfig(kind="rnn", block_size=0, n_embd=64, n_hidden=64, batchnorm=False),
-    "gru": ModelConfig(kind="gru", block_size=0, n_embd=64, n_hidden=64, batchnorm=False),
-    "transformer": ModelConfig(kind="transformer", block_size=0, n_embd=64, n_layers=4, n_head=4, dropout=0.1,
-                               batchnorm=False),
-}
-
-
-# the training recipe each model trains with unless flags say otherwise (the lectures' SGD when not listed)
-RECIPES = {
-    # probed on names.txt (README, Time to quality): lr 3e-3 to 1e-2, 3000 to 6000 steps, n_embd 16 to 64
-    "mlp-fast": TrainConfig(max_steps=3000, batch_size=512, optimizer="adamw", lr=4e-3, schedule="cosine",
-                            warmup=100, weight_decay=0.01, save_every=1000, log_every=500),
-    "bigram": TrainConfig(max_steps=5000, optimizer="adamw", lr=0.1, schedule="cosine", save_every=1000,
-                          log_every=1000),
-    "rnn": TrainConfig(max_steps=20_000, optimizer="adamw", lr=1e-2, schedule="cosine", warmup=200,
-                       weight_decay=0.01, grad_clip=1.0, save_every=2000, log_every=2000),
-    "gru": TrainConfig(max_steps=20_000, optimizer="adamw", lr=1e-2, schedule="cosine", warmup=200,
-                       weight_decay=0.01, grad_clip=1.0, save_every=2000, log_every=2000),
-    # the best of the recipes tried on names.txt (README, Results), 40000 steps since the step is compiled
-    # (12 min, where 30000 op by op took 15); dropout is the model's, 0.1
-    "transformer": TrainConfig(max_steps=40_000, optimizer="adamw", lr=3e-3, schedule="cosine", warmup=200,
-                               weight_decay=0.1, grad_clip=1.0, save_every=2000, log_every=2000),
-}
-
-
-def recipe(name):
-    """The TrainConfig a named model trains with by default."""
-    return RECIPES.get(name, TrainConfig())
 
 
 def hidden_shapes(config):
@@ -192,10 +152,3 @@ def describe(config):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters().values())
-
-
-def preset(name, **overrides):
-    """A named config with some fields replaced (None means keep the preset's value)."""
-    if name not in PRESETS:
-        raise UserError(f"unknown model {name!r} (choose from {', '.join(PRESETS)})")
-    return validate_model(preset_config(PRESETS[name], **overrides))

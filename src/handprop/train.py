@@ -1,13 +1,12 @@
-"""The training loop (autograd off throughout), evaluation, BatchNorm recalibration, saving."""
+"""The run: prepare (the data, a new or resumed run), the loop (autograd off throughout), finish (BatchNorm's
+statistics, the final losses, the last save). Evaluation, the work directory, the log and stops have modules of
+their own."""
 
-import fcntl
 import json
 import math
-import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,233 +19,25 @@ from .checkpoint import (
     Checkpoint,
     RunSpec,
     check_same_corpus,
-    load_checkpoint,
     metadata,
     save_checkpoint,
     tensors_digest,
     write_readable_config,
 )
 from .compiled import CompiledStep, compile_obstacle, compile_wanted, long_enough
-from .data import IGNORED, SPLIT_NAMES, check_sequence_length, make_splits
 from .diagnostics import NoDiagnostics, start_diagnostics
 from .distributed import ALONE, RankLost, World
 from .errors import UserError
-from .layers import BatchNorm1d, Dropout, eval_mode, walk
-from .losses import CrossEntropy, SequenceCrossEntropy
+from .evaluation import evaluate, format_losses, make_run_splits, recalibrate_batchnorm, split_loss
+from .layers import BatchNorm1d, Dropout, walk
+from .losses import loss_for
+from .memory import check_fits
 from .models import build_model, count_parameters, describe
 from .optim import clip_grad_norm, make_optimizer, make_schedule
-
-EVAL_CHUNK = 4096           # examples per forward pass when evaluating: small enough to stay in cache
-
-
-def loss_for(form):
-    """The loss of a data form: the lectures' cross-entropy, or the one that skips padded positions."""
-    return CrossEntropy() if form == "windows" else SequenceCrossEntropy()
-
-
-def split_loss(model, examples):
-    """Mean cross-entropy over every scored position of a whole split (data.Examples), in chunks, in evaluation mode."""
-    criterion = loss_for(examples.form)
-    total, count = 0.0, 0
-    chunk = EVAL_CHUNK if examples.form == "windows" else max(1, EVAL_CHUNK // examples.width)  # positions a pass
-    with eval_mode(model):
-        for Xc, Yc in examples.chunks(chunk):
-            scored = int((Yc != IGNORED).sum())     # every window; the unpadded positions of sequences
-            total += criterion.forward(model.forward(Xc), Yc).item() * scored
-            count += scored
-    return total / count
-
-
-def make_run_splits(corpus, model_config, vocab=None, device="cpu"):
-    """The splits in the form the model reads; a sequence model's positions must fit the longest item."""
-    if model_config.form == "windows":
-        return make_splits(corpus, model_config.block_size, vocab=vocab, device=device)
-    splits = make_splits(corpus, None, vocab=vocab, device=device, form="sequences")   # padded to longest + 1
-    if model_config.block_size:
-        check_sequence_length(max(len(item) for item in corpus.items), model_config.block_size)
-    return splits
-
-
-def evaluate(model, splits):
-    """{'train': loss, 'val': loss, 'test': loss} on the full splits."""
-    return {name: split_loss(model, splits.tensors[name]) for name in SPLIT_NAMES}
-
-
-def recalibrate_batchnorm(model, examples):
-    """Set every BatchNorm's running mean and (n-1) variance to exact statistics over the inputs of examples.
-
-    As at the end of the lecture's exercise 4: the momentum estimates lag the weights, so
-    after training each BatchNorm is re-estimated in order, the earlier ones already fixed.
-    """
-    with eval_mode(model):
-        for k, layer in enumerate(model.layers):
-            if not isinstance(layer, BatchNorm1d):
-                continue
-            n, total, total_sq = 0, 0.0, 0.0
-            for h, _ in examples.chunks(EVAL_CHUNK):
-                for earlier in model.layers[:k]:
-                    h = earlier.forward(h)
-                h = h.reshape(-1, h.shape[-1]).double()            # (N, C), float64 sums
-                n, total, total_sq = n + h.shape[0], total + h.sum(0), total_sq + (h * h).sum(0)
-            mean = total / n
-            layer.running_mean.copy_(mean)
-            layer.running_var.copy_((total_sq - n * mean * mean) / (n - 1))
-
-
-class Log:
-    """A text stream that goes quiet when its reader goes away (`handprop train | head`): the run matters more."""
-
-    def __init__(self, stream, open=True):
-        self.stream, self.open = stream, open   # open=False: silent from the start (ranks other than 0)
-
-    def write(self, text):
-        if self.open:
-            try:
-                self.stream.write(text)
-                self.stream.flush()
-            except BrokenPipeError:
-                self.open = False
-
-    def isatty(self):
-        return self.stream.isatty()
-
-
-class Progress:
-    """Step, loss, learning rate and speed: one updating line on a terminal, else a line every log_every steps."""
-
-    def __init__(self, max_steps, log_every, stream=None, start_step=0):
-        self.max_steps, self.log_every = max_steps, log_every
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.last_time, self.last_step, self.last_draw = time.perf_counter(), start_step, 0.0
-        self.val = None                         # val loss at the latest checkpoint, shown once known
-
-    def due(self, step):
-        """Whether update() should print at this step (the last step always prints)."""
-        if step == self.max_steps:
-            return True
-        return time.perf_counter() - self.last_draw > 0.2 if self.tty else step % self.log_every == 0
-
-    def update(self, step, loss, lr):
-        now = time.perf_counter()
-        speed = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        eta = (self.max_steps - step) / max(speed, 1e-9)
-        line = (f"step {step:>{len(str(self.max_steps))}}/{self.max_steps} | loss {loss:.4f} | lr {lr:g} | "
-                f"{speed:,.0f} steps/s | eta {eta:,.0f}s")
-        if self.val is not None:
-            line += f" | val {self.val:.4f} at the last save"
-        if self.tty:                            # speed averaged since the run (re)started
-            self.stream.write("\r" + line + "\033[K" + ("\n" if step == self.max_steps else ""))
-        else:
-            self.stream.write(line + "\n")
-            self.last_time, self.last_step = now, step   # speed since the previous line
-        self.last_draw = now
-
-
-def check_work_dir(work_dir):
-    """Before anything is read: -o must name a directory (or nothing yet) that no other handprop train is using."""
-    work_dir = Path(work_dir)
-    if work_dir.exists() and not work_dir.is_dir():
-        raise UserError(f"{work_dir} is a file, not a directory: -o names the directory a run is saved in")
-    if work_dir.is_dir():
-        with locked(work_dir):
-            pass
-
-
-@contextmanager
-def locked(work_dir):
-    """While active, no other handprop train can lock work_dir (an flock on the directory, freed on any exit)."""
-    fd = os.open(work_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another handprop train is using {work_dir}; wait for it to end, or choose another -o "
-                            "(eval, sample and diagnose may read it meanwhile)") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def claimed(work_dir, resume_from):
-    """While active, this process alone trains in work_dir, whose run is still the one this command read."""
-    with locked(work_dir):
-        latest = Path(work_dir) / LATEST
-        if resume_from is None and latest.exists():
-            raise UserError(f"{work_dir} already holds a run (another handprop train saved it meanwhile); continue it "
-                            "with --resume, or choose another -o")
-        if resume_from is not None and metadata(load_checkpoint(latest)) != metadata(resume_from):
-            raise UserError(f"the run in {work_dir} was saved by another handprop train after this one read it; "
-                            "run the command again")
-        yield
-
-
-def check_writable(work_dir):
-    """Create work_dir if needed and prove a file can be written there, before any training."""
-    work_dir = Path(work_dir)
-    try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        probe = work_dir / f".handprop-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to output directory {work_dir}: {e.strerror}") from None
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped training after a checkpoint was saved; exit with 128 + signal."""
-
-    def __init__(self, signum, message):
-        super().__init__(message)
-        self.signum = signum
-
-
-@contextmanager
-def signal_handler(handler):
-    """While active, handler(signum) runs on SIGINT and SIGTERM instead of their default action."""
-    previous = {s: signal.signal(s, lambda signum, frame: handler(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
-
-
-@contextmanager
-def stop_requests():
-    """While active, SIGINT and SIGTERM only set a flag, so the loop stops between two steps."""
-    requested = []
-    with signal_handler(requested.append):
-        yield requested
-
-
-def resume_hint(work_dir):
-    return f"continue with: handprop train --resume -o {work_dir}"
-
-
-@contextmanager
-def stop_at_once(work_dir, step):
-    """While active, SIGINT and SIGTERM stop at once: the checkpoint at step is already saved."""
-
-    def stop(signum):
-        name = signal.Signals(signum).name
-        raise Interrupted(signum, f"{name} during the final evaluation: the checkpoint at step {step} is kept; "
-                                  + resume_hint(work_dir))
-
-    with signal_handler(stop):
-        yield
-
-
-@contextmanager
-def saving(work_dir, run):
-    """Turns a failed write (no permission, a full disk) into one UserError that says which checkpoint is kept."""
-    try:
-        yield
-    except OSError as e:
-        kept = (f"the last good checkpoint (step {run.saved_step}) is kept" if run.saved_step is not None
-                else "no checkpoint to resume was saved")
-        raise UserError(f"cannot save in {work_dir}: {e.strerror or e}; {kept}") from None
+from .progress import Log, Progress, wall_time
+from .settings import fit_to_corpus
+from .stops import Interrupted, interruption, resume_hint, signal_handler, stop_at_once, stop_requests, stopped
+from .workdir import owned, saving
 
 
 @dataclass
@@ -328,23 +119,11 @@ def prepare(corpus, model_config, config, resume_from):
         if splits.signature() != resume_from.spec.split_signature:
             raise UserError("the data split differs from the one this run started with")
         return splits, resumed_run(resume_from, config)
-    model_config = replace(model_config, vocab_size=splits.vocab.size)
-    if model_config.block_size == 0:        # a sequence model: as many positions as the longest item needs
-        model_config = replace(model_config, block_size=splits.tensors["train"].width)
+    model_config = fit_to_corpus(model_config, corpus, splits.vocab)
+    check_fits(model_config, config)        # before the model is allocated: one line, not the allocator's traceback
     spec = RunSpec(model_config, config, splits.vocab, corpus.info(), splits.signature(),
                    max(len(item) for item in corpus.items))
     return splits, new_run(spec)
-
-
-@contextmanager
-def owned(work_dir, resume_from, world):
-    """While active, rank 0 (or the only process) has work_dir, writable and claimed; other ranks write nothing."""
-    if not world.is_main:
-        yield
-        return
-    check_writable(work_dir)
-    with claimed(work_dir, resume_from):
-        yield
 
 
 def train(corpus, model_config, config, work_dir, resume_from=None, out=None, world=ALONE):
@@ -393,12 +172,6 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
     out.write(wall_time(time.perf_counter() - started, run.step - first_step) + "\n")
     out.write(format_losses(losses) + "\n")
     return run.model, losses
-
-
-def wall_time(seconds, steps):
-    """E.g. 'wall time 18 min 7 s for 30000 steps', from the command's start: data, saves and evaluation too."""
-    minutes, rest = divmod(round(seconds), 60)
-    return f"wall time {f'{minutes} min {rest} s' if minutes else f'{seconds:.1f} s'} for {steps} steps"
 
 
 def run_steps(run, splits, work_dir, out, diagnostics, val_loss, compiled=None):
@@ -477,23 +250,6 @@ def compiled_step(run, examples, work_dir, out):
     return step
 
 
-def interruption(error):
-    """The Interrupted that error is or was raised from (Inductor wraps what a step of its work raises), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, Interrupted):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__ or getattr(error, "inner_exception", None)
-    return None
-
-
-def stopped(signum, run, work_dir):
-    """The Interrupted for a stop that signum asked for, once the run's checkpoint is saved."""
-    name = signal.Signals(signum).name
-    return Interrupted(signum, f"{name} at step {run.step}: checkpoint saved; {resume_hint(work_dir)}")
-
-
 def finish(run, splits, work_dir, diagnostics, out):
     """BatchNorm statistics over the whole training split, the final losses, the final save; returns the losses."""
     examples = splits.tensors["train"]
@@ -509,8 +265,3 @@ def finish(run, splits, work_dir, diagnostics, out):
         raise Interrupted(stop[0], f"{signal.Signals(stop[0]).name} during the final save: the run finished and is "
                                    f"saved ({format_losses(losses)})")
     return losses
-
-
-def format_losses(losses):
-    """'train loss 2.0713 | val loss 2.1096 | test loss 2.1127', always in that order."""
-    return " | ".join(f"{name} loss {losses[name]:.4f}" for name in SPLIT_NAMES)
