@@ -19,12 +19,12 @@ NOT_RUN_HERE = ("python3 -m venv", "pip install", ". .venv/bin/activate", "bash 
 
 
 def readme_commands():
-    """Each command of the README's bash blocks, in order: lines split at &&, comments dropped."""
+    """Each command of the README's bash blocks, in order, as written: lines split at &&."""
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
     commands = []
     for line in "\n".join(blocks).splitlines():
         for command in line.split("&&"):
-            command = " ".join(shlex.split(command, comments=True))
+            command = command.strip()
             if command and not command.startswith(NOT_RUN_HERE):
                 commands.append(command)
     return commands
@@ -32,7 +32,7 @@ def readme_commands():
 
 def as_run_here(command):
     """The argument list handprop's main() gets for a README line (a full training cut short)."""
-    args = shlex.split(command)[1:]
+    args = shlex.split(command, comments=True)[1:]
     if args[:1] == ["train"] and "--max-steps" not in args and "--resume" not in args:
         args += SHORT_RUN
     return args
@@ -48,7 +48,7 @@ def test_the_readme_shows_the_commands_a_new_user_needs():
 def test_every_readme_command_runs_in_order(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for command in readme_commands():
-        if command.startswith("handprop "):
+        if command.startswith("handprop "):   # in this process: the suite has torch imported already
             status = main(as_run_here(command))
             out, err = capsys.readouterr()
             assert status in (0, None), f"{command}\n{err[-2000:]}"
@@ -60,5 +60,5 @@ def test_every_readme_command_runs_in_order(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("line", ["handprop train --model mlp-fast -o out/fast  # a comment", "handprop train"])
 def test_a_training_without_a_length_is_cut_short_and_nothing_else_changes(line):
-    args = as_run_here(" ".join(shlex.split(line, comments=True)))
+    args = as_run_here(line)
     assert args[-2:] == SHORT_RUN and args[:-2] == shlex.split(line, comments=True)[1:]
