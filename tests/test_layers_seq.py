@@ -77,8 +77,8 @@ def test_the_check_catches_a_softmax_backward_without_its_row_sum_term(monkeypat
 
 
 class GRUCellDroppingDh(GRUCell):
-    def step_backward(self, dh_next, cache):
-        dx, dh, grads = super().step_backward(dh_next, cache)
+    def next_hidden_backward(self, dh_next, cache):
+        dx, dh, grads = super().next_hidden_backward(dh_next, cache)
         return dx, torch.zeros_like(dh), grads          # nothing carried back to the previous step
 
 

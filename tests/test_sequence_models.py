@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import generate_sequences
 
 from handprop.checkpoint import load_checkpoint
 from handprop.cli import main
 from handprop.data import load_corpus
 from handprop.layers import eval_mode
 from handprop.optim import AdamW
-from handprop.sample import generate_sequences, longest_sample, sample_items
+from handprop.sample import longest_sample, sample_items
 
 STEPS = 60                  # a straight run's steps; the other run is stopped after half of them and resumed
 MODELS = {                  # tiny, on their own recipes; a short warmup (and the transformer a higher lr) so they learn
@@ -98,12 +99,13 @@ def trained(corpus_file, tmp_path_factory):
 
 
 def every_tensor(work_dir):
-    """A finished run's parameters, buffers and extra state (optimizer moments, random generator state)."""
+    """A finished run's parameters, buffers and the state to go on (optimizer moments, the batch generator)."""
     checkpoint = load_checkpoint(work_dir / "model.safetensors")
     assert checkpoint.finished
     model = checkpoint.model
     return ({f"param.{k}": v for k, v in model.parameters().items()} | {f"buffer.{k}": v for k, v in
-            model.buffers().items()} | {f"extra.{k}": v for k, v in checkpoint.extra.items()})
+            model.buffers().items()} | {f"optimizer.{k}": v for k, v in checkpoint.optimizer_tensors.items()}
+            | {"batch_generator": checkpoint.batch_generator})
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -6,13 +6,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import generate
 
 from handprop.checkpoint import load_checkpoint
 from handprop.cli import main
 from handprop.data import load_corpus, split_items
 from handprop.losses import CrossEntropy, SequenceCrossEntropy
 from handprop.models import preset, recipe
-from handprop.sample import generate
 from handprop.train import train
 
 TINY = {"rnn": {"n_embd": 8, "n_hidden": 16}, "gru": {"n_embd": 8, "n_hidden": 16},

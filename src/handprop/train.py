@@ -27,30 +27,25 @@ from .checkpoint import (
     write_readable_config,
 )
 from .compiled import CompiledStep, compile_obstacle, compile_wanted, long_enough
-from .data import IGNORED, SPLIT_NAMES, check_sequence_length, make_splits
+from .data import SPLIT_NAMES, form_named, make_splits
 from .diagnostics import NoDiagnostics, start_diagnostics
 from .distributed import ALONE, RankLost, World
 from .errors import UserError
 from .layers import BatchNorm1d, Dropout, eval_mode, walk
-from .losses import CrossEntropy, SequenceCrossEntropy
+from .losses import IGNORED
 from .models import build_model, count_parameters, describe
-from .optim import clip_grad_norm, make_optimizer, make_schedule
+from .optim import make_optimizer
+from .step import EagerStep, schedule_for
 
 EVAL_CHUNK = 4096           # examples per forward pass when evaluating: small enough to stay in cache
 
 
-def loss_for(form):
-    """The loss of a data form: the lectures' cross-entropy, or the one that skips padded positions."""
-    return CrossEntropy() if form == "windows" else SequenceCrossEntropy()
-
-
 def split_loss(model, examples):
     """Mean cross-entropy over every scored position of a whole split (data.Examples), in chunks, in evaluation mode."""
-    criterion = loss_for(examples.form)
+    criterion = examples.form.criterion()
     total, count = 0.0, 0
-    chunk = EVAL_CHUNK if examples.form == "windows" else max(1, EVAL_CHUNK // examples.width)  # positions a pass
     with eval_mode(model):
-        for Xc, Yc in examples.chunks(chunk):
+        for Xc, Yc in examples.chunks(EVAL_CHUNK):
             scored = int((Yc != IGNORED).sum())     # every window; the unpadded positions of sequences
             total += criterion.forward(model.forward(Xc), Yc).item() * scored
             count += scored
@@ -59,12 +54,8 @@ def split_loss(model, examples):
 
 def make_run_splits(corpus, model_config, vocab=None, device="cpu"):
     """The splits in the form the model reads; a sequence model's positions must fit the longest item."""
-    if model_config.form == "windows":
-        return make_splits(corpus, model_config.block_size, vocab=vocab, device=device)
-    splits = make_splits(corpus, None, vocab=vocab, device=device, form="sequences")   # padded to longest + 1
-    if model_config.block_size:
-        check_sequence_length(max(len(item) for item in corpus.items), model_config.block_size)
-    return splits
+    positions = model_config.block_size or None     # 0: a sequence model made to fit the longest item
+    return make_splits(corpus, positions, vocab=vocab, device=device, form=form_named(model_config.form))
 
 
 def evaluate(model, splits):
@@ -264,9 +255,8 @@ class Run:
 
     def checkpoint(self, finished=False, losses=None):
         tensors, numbers = self.optimizer.state_dict()
-        extra = {f"optim.{k}": v for k, v in tensors.items()} | {"rng.batches": self.generator.get_state()}
-        return Checkpoint(self.spec, self.model, self.step, self.best_val, finished, losses, numbers, extra,
-                          self.world.size)
+        return Checkpoint(self.spec, self.model, self.step, self.best_val, finished, losses, numbers, tensors,
+                          self.generator.get_state(), self.world.size)
 
     def digest(self):
         """A hash of everything the next step depends on: ranks must start from equal digests."""
@@ -305,10 +295,9 @@ def new_run(spec):
 def resumed_run(checkpoint, config):
     """The saved run, going on under config (which may differ only in RESUME_MAY_CHANGE)."""
     generator = torch.Generator()
-    generator.set_state(checkpoint.extra["rng.batches"])
+    generator.set_state(checkpoint.batch_generator)
     optimizer = make_optimizer(config.optimizer, checkpoint.model.parameters(), config.weight_decay)
-    tensors = {k.removeprefix("optim."): v.to(config.device) for k, v in checkpoint.extra.items()
-               if k.startswith("optim.")}
+    tensors = {k: v.to(config.device) for k, v in checkpoint.optimizer_tensors.items()}
     optimizer.load_state_dict(tensors, checkpoint.optimizer_state)
     spec = replace(checkpoint.spec, train_config=config)
     for layer in walk(checkpoint.model):
@@ -365,6 +354,9 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
             sizes = " / ".join(f"{examples.scored()}" for examples in splits.tensors.values())
             out.write(f"{corpus.describe()}, vocabulary {splits.vocab.size}, characters to predict "
                       f"train/val/test {sizes}\n")
+            warning = splits.form.padding_warning(corpus.items)
+            if warning:
+                out.write(f"warning: {warning}\n")
             out.write(f"model {describe(run.spec.model_config)}: {count_parameters(run.model)} parameters"
                       + (f", resuming at step {run.step}" if resume_from else "") + "\n")
             if world.size > 1:
@@ -401,40 +393,25 @@ def wall_time(seconds, steps):
     return f"wall time {f'{minutes} min {rest} s' if minutes else f'{seconds:.1f} s'} for {steps} steps"
 
 
-def run_steps(run, splits, work_dir, out, diagnostics, val_loss, compiled=None):
+def run_steps(run, splits, work_dir, out, diagnostics, val_loss, step=None):
     """The optimisation loop from run.step to max_steps, saving every save_every steps, at the last, and to stop;
-    compiled: the run's CompiledStep, else each step is taken op by op."""
+    step: the run's step (step.py's call), compiled or eager; None: the eager step on run.world's ranks."""
     config = run.spec.train_config
-    criterion = loss_for(run.spec.model_config.form)
-    schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
-                             config.min_lr)
+    schedule = schedule_for(config)
     examples = splits.tensors["train"]
+    step = step or EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip,
+                             run.world, diagnostics)
     progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
     with stop_requests() as stop:
         while run.step < config.max_steps:
             lr = schedule(run.step)
             diagnostics.begin(run.step)
-            if compiled:                    # the same step in one compiled graph: the rows drawn here, as below
-                loss, agreed = compiled(examples.draw(config.batch_size, run.generator), lr).item(), bool(stop)
-            else:
-                # batch: the global batch, the same on every rank; this rank's rows and its weight in the mean loss
-                Xb, Yb = examples.sample(config.batch_size, run.generator)
-                Xb, Yb, share = run.world.shard(Xb, Yb)
-                # forward
-                loss = criterion.forward(run.model.forward(Xb), Yb)
-                # backward, every gradient by hand; then summed over the ranks with the loss and any stop request
-                run.model.backward(criterion.backward(share))
-                loss, agreed = run.world.all_reduce(run.model.grads, loss * share, bool(stop))
-            if not math.isfinite(loss):     # a host sync: the batch's loss is checked and logged
+            # the global batch's rows, the same on every rank; the step, summed over the ranks with any stop request
+            loss, agreed = step(examples.draw(config.batch_size, run.generator), lr, bool(stop))
+            if not math.isfinite(loss):     # the batch's loss, read on the host, is checked and logged
                 raise UserError(f"the loss became {loss} at step {run.step}: the learning rate ({lr:g}) is probably "
                                 f"too high; the last good checkpoint (step {run.saved_step}) is kept in {work_dir}")
-            if not compiled:
-                if config.grad_clip:
-                    clip_grad_norm(run.model.grads, config.grad_clip)
-                diagnostics.after_backward()
-                # update
-                run.optimizer.step(run.model.grads, lr)
-                diagnostics.after_update(run.step, loss)
+            diagnostics.after_update(run.step, loss)
             run.step += 1
             # save: every save_every steps, at the last step, and before stopping when asked to (on any rank)
             stopping = run.world.stopping(stop, agreed)     # read once: a signal may land between the two uses below
@@ -450,10 +427,11 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss, compiled=None):
 
 
 def compiled_step(run, examples, work_dir, out):
-    """The run's compiled step (compiled.py), or None where compiling failed under --compile auto (the eager step)."""
+    """The run's compiled step (compiled.py), or None where compiling failed under --compile auto (the eager step
+    then)."""
     config = run.spec.train_config
     out.write("compiling the training step (once: 5 s to a minute) ... ")
-    criterion = loss_for(run.spec.model_config.form)
+    criterion = examples.form.criterion()
 
     def stop(signum):                       # at once: a compile can take a minute, and nothing is lost
         kept = (f"the checkpoint at step {run.saved_step} is kept; {resume_hint(work_dir)}"
