@@ -277,3 +277,20 @@ def test_a_seeded_batch_draws_the_rows_sample_batch_draws():
 def test_encoding_with_a_vocabulary_that_lacks_a_character_names_it():
     with pytest.raises(UserError, match="'日'"):
         make_splits(Corpus(ITEMS, 0, "", ""), 3, vocab=Vocab.from_items([i for i in ITEMS if i != "日本"] + ["本"]))
+
+
+def test_a_batch_of_sequences_is_padded_to_its_own_longest_item():
+    train = make_splits(load_corpus(), None, form=SEQUENCES).tensors["train"]
+    X, Y = train                                            # every row, padded to the split's width
+    widths = []
+    for seed in range(5):
+        ix = train.draw(8, torch.Generator().manual_seed(seed))
+        Xb, Yb = train.batch(ix)
+        width = int((Y[ix] != -1).sum(1).max())             # the longest item's characters + its end token
+        widths.append(width)
+        assert Xb.shape == Yb.shape == (8, width)
+        assert torch.equal(Xb, X[ix][:, :width]) and torch.equal(Yb, Y[ix][:, :width])    # the same rows, cut
+        assert (Y[ix][:, width:] == -1).all()               # what is cut off is padding only
+        assert all(torch.equal(a, b) for a, b in zip(train.batch(ix, padded_to=X.shape[1]), (X[ix], Y[ix]),
+                                                      strict=True))
+    assert max(widths) < X.shape[1]                         # 8 names rarely hold the longest of 32033

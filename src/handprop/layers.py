@@ -4,9 +4,10 @@
     dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads
     layer.parameters()         {name: tensor} in a stable order; layer.grads has the same keys
 
-Two seams, declared here with defaults that do nothing, let other modules change how a layer
-acts without reaching into it: share_batch (distributed.py: a layer that looks across the batch
-acts on the global batch) and take_noise_from (compiled.py: where random noise comes from).
+Three seams, declared here with defaults that pass them on to the layers inside, let other modules
+change how a layer acts without reaching into it: share_batch (distributed.py: a layer that looks
+across the batch acts on the global batch), use_generator (a resumed run: the generator random
+noise is drawn from) and take_noise_from (compiled.py, data.py: where random noise comes from).
 
 Every backward here is proven against an autograd twin and finite differences in
 gradcheck.py. Nothing in this file calls autograd.
@@ -65,6 +66,12 @@ class Layer:
         Dropout's mask) then acts on the whole batch; by default a layer passes this on to the layers inside it."""
         for child in self.children():
             child.share_batch(rows, batch_size, sum_over_ranks)
+
+    def use_generator(self, generator):
+        """The torch.Generator a layer that draws random numbers in training (Dropout) draws them from; by default
+        passed on to the layers inside."""
+        for child in self.children():
+            child.use_generator(generator)
 
     def take_noise_from(self, source):
         """Where a layer that draws random numbers in training (Dropout) gets them: source(layer, shape, dtype,
@@ -458,6 +465,9 @@ class Dropout(Layer):
 
     def share_batch(self, rows, batch_size, sum_over_ranks):
         self.rows = (rows, batch_size)
+
+    def use_generator(self, generator):
+        self.generator = generator
 
     def take_noise_from(self, source):
         self.noise_source = source

@@ -172,6 +172,10 @@ def longest_sample(spec):
 def sample_length(spec, max_length, prefix):
     """The most characters a sample may have, prefix included: max_length, or a default from the training items."""
     limit = longest_sample(spec)
+    if limit is not None and len(prefix) >= limit:
+        raise UserError(f"this transformer reads {spec.model_config.block_size} positions, so a prefix can hold at "
+                        f"most {limit - 1} characters (the start token takes one, a new character another); --prefix "
+                        f"has {len(prefix)}")
     if max_length is None:                  # room for twice the longest item after the prefix, if the model has it
         max_length = len(prefix) + 2 * spec.longest_item
         max_length = max_length if limit is None else min(max_length, limit)

@@ -31,7 +31,7 @@ from .data import SPLIT_NAMES, form_named, make_splits
 from .diagnostics import NoDiagnostics, start_diagnostics
 from .distributed import ALONE, RankLost, World
 from .errors import UserError
-from .layers import BatchNorm1d, Dropout, eval_mode, walk
+from .layers import BatchNorm1d, eval_mode
 from .losses import IGNORED
 from .models import build_model, count_parameters, describe
 from .optim import make_optimizer
@@ -300,9 +300,7 @@ def resumed_run(checkpoint, config):
     tensors = {k: v.to(config.device) for k, v in checkpoint.optimizer_tensors.items()}
     optimizer.load_state_dict(tensors, checkpoint.optimizer_state)
     spec = replace(checkpoint.spec, train_config=config)
-    for layer in walk(checkpoint.model):
-        if isinstance(layer, Dropout):
-            layer.generator = generator     # the masks go on from the saved state, as the batches do
+    checkpoint.model.use_generator(generator)   # the masks go on from the saved state, as the batches do
     return Run(spec, checkpoint.model, optimizer, generator, checkpoint.step, checkpoint.best_val, checkpoint.step)
 
 
