@@ -31,7 +31,7 @@ def float64_run(name, corpus, seed=0):
     """(model, optimizer, examples, settings): the preset in float64, every parameter moved off its init."""
     settings = recipe(name)
     config = preset(name, **MODELS[name])
-    splits = make_splits(corpus, config.block_size, form=form_named(config.form))   # sequences: 0, as many as needed
+    splits = make_splits(corpus, config.block_size or None, form=form_named(config.form))   # 0: as many as needed
     examples = splits.tensors["train"]
     g = torch.Generator().manual_seed(seed)     # the init's generator, and the dropout masks' too
     model = build_model(preset(name, vocab_size=splits.vocab.size, block_size=config.block_size or examples.width,
