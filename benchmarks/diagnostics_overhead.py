@@ -1,7 +1,8 @@
-"""What diagnostics cost: train.run_steps with them off and on, against a hook-free baseline, same run.
+"""What diagnostics cost: train.run_steps with them off and on, against a bare loop, same run.
 
-The baseline is run_steps written out without its diagnostics lines, over a Sequential
-without the recording switch (keep it in step with train.run_steps). Four runs start from
+The baseline is the package's step (step.EagerStep, with nothing to record) in a bare loop,
+without run_steps' diagnostics calls, checks and progress, over a Sequential without the
+recording switch. Four runs start from
 the same init and advance in turns, a chunk of steps at a time, in rotating order, so a
 burst of load on a shared machine hits them alike; each speed is chunk / median chunk time.
 A second baseline run gives the noise. "on" records every `--every` steps (the CLI's default
@@ -12,7 +13,6 @@ for a run of 100 x that many steps); a chunk is two intervals, so each holds two
 
 import argparse
 import io
-import math
 import statistics
 import tempfile
 import time
@@ -21,14 +21,13 @@ from dataclasses import replace
 import torch
 
 from handprop.config import TrainConfig
-from handprop.data import load_corpus, make_splits, sample_batch
+from handprop.data import load_corpus, make_splits
 from handprop.diagnostics import Diagnostics, NoDiagnostics
 from handprop.evaluation import split_loss
 from handprop.layers import Sequential
-from handprop.losses import CrossEntropy
-from handprop.optim import lecture_lr
-from handprop.progress import Log, Progress
+from handprop.progress import Log
 from handprop.settings import preset
+from handprop.step import EagerStep, schedule_for
 from handprop.train import prepare, run_steps
 
 
@@ -47,22 +46,13 @@ class PlainSequential(Sequential):
 
 
 def baseline_steps(run, splits, work_dir, out, diagnostics, val_loss):
-    """train.run_steps without the diagnostics lines (no checkpoint falls due in these runs)."""
+    """The package's step in a bare loop: no diagnostics calls, checks or progress (no checkpoint falls due)."""
     config = run.spec.train_config
-    criterion = CrossEntropy()
-    progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
-    Xtr, Ytr = splits.tensors["train"]
+    examples, schedule = splits.tensors["train"], schedule_for(config)
+    step = EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip)
     while run.step < config.max_steps:
-        lr = lecture_lr(run.step, config.max_steps, config.lr, config.lr_decay_at)
-        Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, run.generator)
-        loss = criterion.forward(run.model.forward(Xb), Yb).item()
-        if not math.isfinite(loss):
-            raise RuntimeError(f"the loss became {loss}")
-        run.model.backward(criterion.backward())
-        run.optimizer.step(run.model.grads, lr)
+        step(examples.draw(config.batch_size, run.generator), schedule(run.step))
         run.step += 1
-        if progress.due(run.step):
-            progress.update(run.step, loss, lr)
 
 
 def start(kind, corpus, model_config, config, every):
@@ -107,7 +97,7 @@ def main():
     speed = {kind: chunk / statistics.median(t) for kind, t in times.items()}
     print(f"model {args.model}, batch 32, {args.rounds} chunks of {chunk} steps per run, "
           f"{torch.get_num_threads()} threads")
-    print(f"baseline loop (no diagnostics code):  {speed['baseline']:8.0f} steps/s")
+    print(f"baseline, the step in a bare loop: {speed['baseline']:8.0f} steps/s")
     print(f"run_steps, diagnostics off:           {speed['off']:8.0f} steps/s")
     print(f"run_steps, recording every {args.every:<6}     {speed['on']:8.0f} steps/s")
     print(f"noise, baseline again / baseline:     {speed['baseline again'] / speed['baseline']:.3f}")

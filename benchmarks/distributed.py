@@ -1,7 +1,7 @@
 """Data-parallel speed: 1 process against 2 gloo ranks on this machine, same model, same global batch.
 
-Each contender runs train.run_steps' step (the global batch drawn, this rank's rows, hand-written
-forward and backward, the one-bucket gradient all-reduce, clipping, the recipe's optimiser) for
+Each contender runs train.run_steps' step (step.EagerStep: the global batch drawn, this rank's rows,
+hand-written forward and backward, the one-bucket gradient all-reduce, clipping, the recipe's optimiser) for
 `--steps` steps, `--repeats` turns, and keeps its best turn. The 2 ranks are real processes joined
 on loopback exactly as `torchrun --nproc-per-node 2 -m handprop train` joins them; every process
 runs on ONE thread (torch.set_num_threads(1), OMP_NUM_THREADS=1), so 2 ranks use 2 cores against
@@ -26,12 +26,11 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from handprop.data import load_corpus, sample_batch
+from handprop.data import load_corpus
 from handprop.distributed import launched
-from handprop.losses import loss_for
 from handprop.models import count_parameters, describe
-from handprop.optim import clip_grad_norm, make_schedule
 from handprop.settings import preset, recipe
+from handprop.step import EagerStep, schedule_for
 from handprop.train import prepare
 
 DEFAULT_STEPS = {"mlp": 2000, "wavenet": 300, "gru": 40, "transformer": 40}   # a turn of a few seconds
@@ -59,18 +58,10 @@ def matmul_flops(run, tokens):
     return 6 * weights * tokens
 
 
-def steps(run, world, Xtr, Ytr, count, schedule, criterion):
-    """count steps of train.run_steps' step."""
-    config = run.spec.train_config
+def steps(run, examples, step, count, schedule):
+    """count steps of train.run_steps' step on the global batches it draws."""
     for _ in range(count):
-        Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, run.generator)
-        Xb, Yb, share = world.shard(Xb, Yb)
-        loss = criterion.forward(run.model.forward(Xb), Yb)
-        run.model.backward(criterion.backward(share))
-        world.all_reduce(run.model.grads, loss * share, False)
-        if config.grad_clip:
-            clip_grad_norm(run.model.grads, config.grad_clip)
-        run.optimizer.step(run.model.grads, schedule(run.step))
+        step(examples.draw(run.spec.train_config.batch_size, run.generator), schedule(run.step))
         run.step += 1
 
 
@@ -95,22 +86,21 @@ def worker(name, count, repeats):
         config = replace(recipe(name), max_steps=(repeats + 1) * count, warmup=0)
         splits, run = prepare(load_corpus(None), model_config, config, None)
         world.attach(run.model, config.batch_size)
-        Xtr, Ytr = splits.tensors["train"]
-        schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, 0, config.min_lr)
-        criterion = loss_for(model_config.form)
-        steps(run, world, Xtr, Ytr, max(1, count // 10), schedule, criterion)      # warm up
+        examples, schedule = splits.tensors["train"], schedule_for(config)
+        step = EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip, world)
+        steps(run, examples, step, max(1, count // 10), schedule)      # warm up
         turns = []
         for _ in range(repeats):
             if world.size > 1:
                 dist.barrier()              # both ranks start the turn together
             bucket.seconds = batchnorm.seconds = 0.0
             start = time.perf_counter()
-            steps(run, world, Xtr, Ytr, count, schedule, criterion)
+            steps(run, examples, step, count, schedule)
             elapsed = time.perf_counter() - start
             turns.append((count / elapsed, (bucket.seconds + batchnorm.seconds) / elapsed))
         rate, share = max(turns)
         latency = median_all_reduce_seconds() if world.size > 1 else 0.0
-        tokens = config.batch_size * (1 if Ytr.ndim == 1 else Ytr.shape[1])
+        tokens = round(config.batch_size * examples.scored() / len(examples))    # positions scored, on average
         if world.is_main:
             print(json.dumps({"rate": rate, "share": share, "params": count_parameters(run.model),
                               "flops": matmul_flops(run, tokens), "tokens": tokens,

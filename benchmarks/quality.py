@@ -5,14 +5,16 @@ initialisation, and one generator, seeded alike, that draws the batches and the 
 They train with the model's recipe (models.RECIPES): the same learning rate at every step
 (the lectures' step decay, or warmup then cosine), the same clipping of the global gradient
 norm and AdamW's weight decay on matrices only. The hand-written run is train.run_steps
-without its saving and logging: handprop's forward, backward and optimiser. The baseline
+without its saving and logging: the package's step (step.EagerStep), forward, backward and
+optimiser by hand. The baseline
 gets its gradients from loss.backward() through the autograd twins (gradcheck.twin_forward)
 and steps with torch.optim (SGD or AdamW, parameter groups as nanoGPT makes them) after
 torch.nn.utils.clip_grad_norm_. Afterwards both get the same BatchNorm recalibration (when
 the model has BatchNorm) and are evaluated on the full splits.
 
 Dropout masks: the twin's Dropout calls the layer's own draw_mask on the layer's generator,
-which is the baseline run's batch generator, as in the hand-written run. Both runs therefore
+which is the baseline run's batch generator, as in the hand-written run (both through the
+form's noise source, so a batch padded to its own longest item draws what a full one draws). Both runs therefore
 draw batch, masks, batch, masks, ... from identical generators in the same order and the
 same shapes, so every mask is the same; the script checks that both generators end in the
 same state. (Precomputed masks would need a second code path through the model.)
@@ -36,38 +38,26 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from handprop.data import IGNORED, load_corpus, sample_batch
+from handprop.data import IGNORED, load_corpus
 from handprop.evaluation import evaluate, recalibrate_batchnorm
 from handprop.gradcheck import twin_forward
 from handprop.layers import BatchNorm1d
-from handprop.losses import loss_for
 from handprop.models import build_model, count_parameters, describe
-from handprop.optim import SGD, clip_grad_norm, make_optimizer, make_schedule
+from handprop.optim import SGD, make_optimizer
 from handprop.settings import PRESETS, preset, recipe
+from handprop.step import EagerStep, schedule_for
 from handprop.train import Run, new_run, prepare
 
 VAL_TOLERANCE = 0.005       # acceptance: |final val loss by hand - by autograd|
 
 
-def schedule_for(config):
-    """The learning rate at each step, exactly as train.run_steps computes it."""
-    return make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
-                         config.min_lr)
-
-
 def train_by_hand(run, splits, config):
-    """train.run_steps without saving and logging: hand-written forward, backward, clipping and update."""
-    criterion, schedule = loss_for(run.spec.model_config.form), schedule_for(config)
-    X, Y = splits.tensors["train"]
+    """train.run_steps without saving and logging: the package's eager step, with train.run_steps' schedule."""
+    examples, schedule = splits.tensors["train"], schedule_for(config)
+    step = EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip)
     with torch.inference_mode():
-        for step in range(config.max_steps):
-            lr = schedule(step)
-            Xb, Yb = sample_batch(X, Y, config.batch_size, run.generator)
-            criterion.forward(run.model.forward(Xb), Yb)
-            run.model.backward(criterion.backward())
-            if config.grad_clip:
-                clip_grad_norm(run.model.grads, config.grad_clip)
-            run.optimizer.step(run.model.grads, lr)
+        for n in range(config.max_steps):
+            step(examples.draw(config.batch_size, run.generator), schedule(n))
 
 
 def autograd_loss(logits, targets):
@@ -86,14 +76,14 @@ def torch_optimizer(params, run, config):
 
 def train_by_autograd(run, splits, config):
     """The same steps with loss.backward() through the twins, torch's clipping and torch.optim."""
-    schedule = schedule_for(config)
-    X, Y = splits.tensors["train"]
+    examples, schedule = splits.tensors["train"], schedule_for(config)
+    run.model.take_noise_from(examples.form.noise_source(examples))    # the masks the hand-written run draws
     params = {k: v.detach().clone().requires_grad_(True) for k, v in run.model.parameters().items()}
     optimizer = torch_optimizer(params, run, config)
     for step in range(config.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = schedule(step)
-        Xb, Yb = sample_batch(X, Y, config.batch_size, run.generator)
+        Xb, Yb = examples.sample(config.batch_size, run.generator)
         loss = autograd_loss(twin_forward(run.model, Xb, params), Yb)   # the twin's Dropout draws from run.generator
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,13 +1,13 @@
 """Sampling speed: the batched sampler against a one-at-a-time loop, and the KV cache against recomputing, same run.
 
 (a) The default model (`mlp`, trained `--mlp-steps` steps, or the window-model run in `--mlp-dir`):
-`--num` names at once with sample.generate (a chunk of the streamed sampler: the folded forward,
+`--num` names at once with sample.sample_windows (a chunk of the streamed sampler: the folded forward,
 finished rows leaving the batch, inverse-CDF draws), against the lecture's loop that samples one
 name at a time through model.forward with torch.multinomial (`--loop-num` names, the rate is what
 is compared). The two take turns, `--repeats` times, each keeping its best turn.
 
 (b) Each sequence model of `--model` (trained `--train-steps` steps with its recipe, or the run in
-`-o DIR`): `--num` names at once with sample.generate_sequences, cached=True (each new character
+`-o DIR`): `--num` names at once with sample.sample_sequences, cached=True (each new character
 costs one position: a transformer's keys and values, a recurrent layer's hidden state are kept)
 against cached=False (the whole prefix goes through the model again for every character), taking
 turns with generators seeded alike. Then the proof that the cache computes the same thing: the
@@ -37,11 +37,11 @@ import torch
 
 from handprop.checkpoint import LATEST, load_checkpoint
 from handprop.config import SEQUENCE_KINDS
-from handprop.data import load_corpus
+from handprop.data import SEQUENCES, WINDOWS, load_corpus
 from handprop.errors import UserError
 from handprop.layers import eval_mode
 from handprop.models import describe
-from handprop.sample import generate, generate_sequences, sample_length
+from handprop.sample import as_list, decode_lines, sample_length, sample_sequences, sample_windows
 from handprop.settings import preset, recipe
 from handprop.train import train
 
@@ -94,7 +94,8 @@ def window_bench(checkpoint, num, loop_num, repeats):
             generator = torch.Generator().manual_seed(turn)
             start = time.perf_counter()
             if name == "batched":
-                names = generate(model, spec.vocab, block_size, count, generator, max_length)
+                names = as_list(decode_lines(spec.vocab, "", sample_windows(model, spec.vocab, block_size, count,
+                                                                            generator, max_length)))
             else:
                 names = one_at_a_time(model, spec.vocab, block_size, count, generator, max_length)
             rates[name].append(count / (time.perf_counter() - start))
@@ -112,7 +113,8 @@ def names_per_second(model, vocab, num, max_length, repeats):
         for cached in (True, False):
             generator = torch.Generator().manual_seed(42)       # the same draws for both
             start = time.perf_counter()
-            names[cached] = generate_sequences(model, vocab, num, generator, max_length, cached=cached)
+            sampled = sample_sequences(model, vocab, num, generator, max_length, cached=cached)
+            names[cached] = as_list(decode_lines(vocab, "", sampled))
             rates[cached].append(num / (time.perf_counter() - start))
     return {cached: (max(r), names[cached]) for cached, r in rates.items()}
 
@@ -182,8 +184,8 @@ def load_run(path, form):
         checkpoint = load_checkpoint(Path(path) / LATEST)
     except UserError as e:
         sys.exit(f"sample.py: error: {e}")
-    if checkpoint.spec.model_config.form != form:
-        sys.exit(f"sample.py: error: {path} holds a {checkpoint.spec.model_config.kind} model, not one of {form}")
+    if checkpoint.spec.form is not form:
+        sys.exit(f"sample.py: error: {path} holds a {checkpoint.spec.model_config.kind} model, not one of {form.name}")
     return checkpoint
 
 
@@ -205,10 +207,10 @@ def main():
     print(f"torch.set_num_threads({args.threads})")
     with tempfile.TemporaryDirectory() as scratch:
         mlp_dir = args.mlp_dir or Path(scratch) / "mlp"
-        mlp = load_run(args.mlp_dir, "windows") if args.mlp_dir else trained("mlp", args.mlp_steps, mlp_dir)
+        mlp = load_run(args.mlp_dir, WINDOWS) if args.mlp_dir else trained("mlp", args.mlp_steps, mlp_dir)
         window_bench(mlp, args.num, args.loop_num, args.repeats)
         if args.work_dir:
-            checkpoints = [load_run(args.work_dir, "sequences")]
+            checkpoints = [load_run(args.work_dir, SEQUENCES)]
         else:       # each trained when its turn comes
             checkpoints = (trained(name, args.train_steps, Path(scratch) / name) for name in args.model)
         ok = [cache_bench(checkpoint, args.num, args.repeats) for checkpoint in checkpoints]

@@ -6,7 +6,7 @@ batch size, learning rate per step, clipping and optimiser.
 - compiled: the step `handprop train` takes for a long run (compiled.CompiledStep: the batch's
   gather, forward, backward, clipping and update traced into one graph and compiled by Inductor);
   compiled once per turn, outside the timing.
-- eager: the same hand-written step op by op (`handprop train --compile off`).
+- eager: the same hand-written step op by op (`handprop train --compile off`: step.EagerStep).
 - autograd, the baseline: the lectures' loop, Xb, Yb = X[ix], Y[ix] from the whole split's
   example tensors, loss.backward() through the autograd twins (gradcheck.twin_forward), then the
   same clipping and update code as handprop.
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from handprop.compiled import CompiledStep
 from handprop.data import IGNORED, load_corpus
 from handprop.gradcheck import twin_forward
-from handprop.losses import loss_for
 from handprop.models import count_parameters, describe
-from handprop.optim import clip_grad_norm, make_optimizer, make_schedule
+from handprop.optim import clip_grad_norm, make_optimizer
 from handprop.settings import PRESETS, preset, recipe
+from handprop.step import EagerStep, schedule_for
 from handprop.train import new_run, prepare
 
 TABLE = ("mlp", "wavenet", "mlp-fast", "bigram", "rnn", "gru", "transformer")  # the README's table of models
@@ -38,32 +38,26 @@ DEFAULT_STEPS = {"mlp": 3000, "mlp-part3": 3000, "deep": 1000, "wavenet": 1000, 
                  "rnn": 500, "gru": 200, "transformer": 100}  # a few seconds a turn on one core, either contender
 
 
-def compiled(run, examples, config):
-    """The compiled step's turn: compiling first (untimed), then steps(batches, schedule)."""
-    criterion = loss_for(run.spec.model_config.form)
-    step = CompiledStep(run.model, run.optimizer, criterion, examples, config.batch_size, config.grad_clip)
+def turn(step):
+    """steps(batches, schedule): the run's step (step.py's call) on each batch of rows, the loss read every step."""
 
     def steps(batches, schedule):
         with torch.inference_mode():
             for i, ix in enumerate(batches):
-                step(ix, schedule(i)).item()        # the loss read every step, as train.run_steps reads it
+                step(ix, schedule(i))
     return steps
+
+
+def compiled(run, examples, config):
+    """The compiled step's turn: compiling first (untimed), then steps(batches, schedule)."""
+    with torch.inference_mode():
+        return turn(CompiledStep(run.model, run.optimizer, examples.form.criterion(), examples, config.batch_size,
+                                 config.grad_clip))
 
 
 def eager(run, examples, config):
-    """train.run_steps' eager step: the batch, hand-written forward and backward, clipping, the update."""
-    criterion = loss_for(run.spec.model_config.form)
-
-    def steps(batches, schedule):
-        with torch.inference_mode():
-            for i, ix in enumerate(batches):
-                X, Y = examples.batch(ix)
-                criterion.forward(run.model.forward(X), Y).item()
-                run.model.backward(criterion.backward())
-                if config.grad_clip:
-                    clip_grad_norm(run.model.grads, config.grad_clip)
-                run.optimizer.step(run.model.grads, schedule(i))
-    return steps
+    """The same step op by op (step.EagerStep, what train.run_steps takes with --compile off)."""
+    return turn(EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip))
 
 
 def autograd(run, examples, config):
@@ -109,7 +103,7 @@ def measure(corpus, name, steps, repeats):
     examples = splits.tensors["train"]
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(examples), (config.batch_size,), generator=g) for _ in range(steps)]
-    schedule = make_schedule(config.schedule, steps, config.lr, config.lr_decay_at, config.warmup, config.min_lr)
+    schedule = schedule_for(config)
     contenders = {"compiled": compiled, "eager": eager, "autograd": autograd}
     rows = {"compiled": examples, "eager": examples, "autograd": tuple(examples)}
     setups = {k: (lambda run, k=k, fn=fn: fn(run, rows[k], config)) for k, fn in contenders.items()}

@@ -25,40 +25,39 @@ from handprop.compiled import CompiledStep
 from handprop.data import load_corpus
 from handprop.evaluation import split_loss
 from handprop.gradcheck import twin_forward
-from handprop.losses import loss_for
 from handprop.models import count_parameters, describe
-from handprop.optim import make_schedule
 from handprop.settings import PRESETS, preset, recipe
+from handprop.step import EagerStep, schedule_for
 from handprop.train import new_run, prepare
 
 TARGETS = (2.10, 2.00)      # val losses; acceptance: within 5 s and 30 s of training by hand
 
 
-def hand_trainer(run, examples):
-    """One step of train.run_steps by hand: (step, lr) -> None."""
-    config = run.spec.train_config
-    criterion = loss_for(run.spec.model_config.form)
+def trainer(run, examples, step):
+    """lr -> None: the run's step (step.py's call) on a batch drawn as train.run_steps draws it."""
+    batch_size = run.spec.train_config.batch_size
 
-    def step(lr):
+    def take(lr):
         with torch.inference_mode():
-            Xb, Yb = examples.sample(config.batch_size, run.generator)
-            criterion.forward(run.model.forward(Xb), Yb)
-            run.model.backward(criterion.backward())
-            run.optimizer.step(run.model.grads, lr)
-    return step
+            step(examples.draw(batch_size, run.generator), lr)
+    return take
+
+
+def hand_trainer(run, examples):
+    """train.run_steps' step by hand, op by op (step.EagerStep, as --compile off trains)."""
+    config = run.spec.train_config
+    return trainer(run, examples, EagerStep(run.model, run.optimizer, examples.form.criterion(), examples,
+                                            config.grad_clip))
 
 
 def compiled_trainer(run, examples):
     """The same step compiled (compiled.CompiledStep, as --compile on trains); compiling is not clocked."""
     config = run.spec.train_config
-    compiled = CompiledStep(run.model, run.optimizer, loss_for(run.spec.model_config.form), examples,
-                            config.batch_size, config.grad_clip)
+    with torch.inference_mode():
+        compiled = CompiledStep(run.model, run.optimizer, examples.form.criterion(), examples, config.batch_size,
+                                config.grad_clip)
     print(f"  (compiled in {compiled.seconds:.1f} s, not counted)", flush=True)
-
-    def step(lr):
-        with torch.inference_mode():
-            compiled(examples.draw(config.batch_size, run.generator), lr)
-    return step
+    return trainer(run, examples, compiled)
 
 
 def autograd_trainer(run, examples):
@@ -89,8 +88,7 @@ def autograd_trainer(run, examples):
 def time_to_targets(make_step, run, splits, eval_every):
     """{target: (seconds of training, steps)} for each target reached, and the last val loss."""
     config = run.spec.train_config
-    schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
-                             config.min_lr)
+    schedule = schedule_for(config)
     step = make_step(run, splits.tensors["train"])
     reached, clock, val = {}, 0.0, float("nan")
     for n in range(config.max_steps):

@@ -3,16 +3,21 @@
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_main
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from handprop.checkpoint import load_checkpoint, metadata, write_checkpoint
 from handprop.cli import main
+from handprop.data import bundled_corpus_path
 from handprop.errors import UserError
 from handprop.losses import CrossEntropy
 
@@ -140,3 +145,32 @@ def test_a_pickle_payload_is_refused_without_executing_it(tmp_path, capsys):
             assert main(argv) == 2
             assert "not a readable checkpoint" in capsys.readouterr().err
     assert not os.path.exists(marker)
+
+
+# written by handprop d8edd87 (checkpoint version 2: the optimiser's tensors and the batch generator under 'extra.'):
+# handprop train --model bigram --optimizer adamw -w 0.01 --schedule step --lr-decay-at 1 --max-steps 10 -o DIR
+VERSION_2 = Path(__file__).parent / "fixtures" / "checkpoint-v2" / "model.safetensors"
+VERSION_2_RUN = ["--model", "bigram", "--optimizer", "adamw", "-w", "0.01", "--schedule", "step", "--lr-decay-at", "1"]
+
+
+def test_a_checkpoint_of_the_earlier_layout_loads_into_named_fields_and_resumes_exactly(tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(VERSION_2, old / "model.safetensors")
+    checkpoint = load_checkpoint(old / "model.safetensors")
+    assert checkpoint.step == 10 and checkpoint.optimizer_state == {"t": 10}
+    assert set(checkpoint.optimizer_tensors) == {"m.0.weight", "v.0.weight"}
+    assert all(t.abs().sum() > 0 for t in checkpoint.optimizer_tensors.values())     # ten steps of moments
+    generator = torch.Generator()
+    generator.set_state(checkpoint.batch_generator)     # a generator's state, not some other tensor
+    # ten more steps from the old file end where twenty straight steps of this version end (constant lr)
+    corpus = str(bundled_corpus_path())
+    status, resumed, err = run_main(["train", "--resume", "--max-steps", "20", "-i", corpus, "-o", old], capsys)
+    assert status == 0 and "resuming at step 10" in resumed, err
+    status, straight, err = run_main(["train", *VERSION_2_RUN, "--max-steps", "20", "-o", tmp_path / "new"], capsys)
+    assert status == 0, err
+    assert resumed.splitlines()[-1] == straight.splitlines()[-1]    # train / val / test losses, to the digit
+    with safe_open(str(old / "model.safetensors"), framework="pt") as f:     # saved again in the named layout
+        names = set(f.keys())  # noqa: SIM118 (a safe_open handle is not a dict)
+    assert {"batch_generator", "optimizer.m.0.weight", "optimizer.v.0.weight"} <= names
+    assert not any(name.startswith("extra.") for name in names)

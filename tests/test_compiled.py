@@ -7,12 +7,12 @@ import torch
 from cli_runner import run_main
 
 from handprop.compiled import CompiledStep
-from handprop.data import Corpus, make_splits
+from handprop.data import Corpus, form_named, make_splits
 from handprop.layers import Dropout, walk
-from handprop.losses import loss_for
 from handprop.models import build_model
-from handprop.optim import SGD, clip_grad_norm, make_optimizer
+from handprop.optim import SGD, make_optimizer
 from handprop.settings import preset, recipe
+from handprop.step import EagerStep
 from handprop.stops import Interrupted, interruption
 
 # every model of the README's table, made small where compiling it would take long (unrolled steps, blocks)
@@ -32,29 +32,34 @@ def float64_run(name, corpus, seed=0):
     """(model, optimizer, examples, settings): the preset in float64, every parameter moved off its init."""
     settings = recipe(name)
     config = preset(name, **MODELS[name])
-    splits = make_splits(corpus, config.block_size if config.form == "windows" else None, form=config.form)
+    splits = make_splits(corpus, config.block_size or None, form=form_named(config.form))   # 0: as many as needed
     examples = splits.tensors["train"]
-    positions = config.block_size if config.form == "windows" else examples.width
     g = torch.Generator().manual_seed(seed)     # the init's generator, and the dropout masks' too
-    model = build_model(preset(name, vocab_size=splits.vocab.size, block_size=positions, **MODELS[name]), g,
-                        dtype=torch.float64)
+    model = build_model(preset(name, vocab_size=splits.vocab.size, block_size=config.block_size or examples.width,
+                               **MODELS[name]), g, dtype=torch.float64)
     for p in model.parameters().values():       # no zero table or bias, no unit gain: a wrong step cannot hide
         p += 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype)
     optimizer = make_optimizer(settings.optimizer, model.parameters(), settings.weight_decay)
     return model, optimizer, examples, settings
 
 
-def eager_steps(model, optimizer, examples, settings, batches):
-    """train.run_steps' eager step on each batch of rows; the losses."""
-    criterion, losses = loss_for(examples.form), []
-    for i, ix in enumerate(batches):
-        X, Y = examples.batch(ix)
-        losses.append(criterion.forward(model.forward(X), Y).item())
-        model.backward(criterion.backward())
-        if settings.grad_clip:
-            clip_grad_norm(model.grads, settings.grad_clip)
-        optimizer.step(model.grads, settings.lr * (i + 1) / len(batches))    # a new learning rate each step
-    return losses
+def learning_rate(settings, i):
+    """A new learning rate each step."""
+    return settings.lr * (i + 1) / STEPS
+
+
+def take_steps(step, batches, settings):
+    """step (eager or compiled: the same call) on each batch of rows; the losses."""
+    return [step(ix, learning_rate(settings, i))[0] for i, ix in enumerate(batches)]
+
+
+def eager_step(model, optimizer, examples, settings):
+    return EagerStep(model, optimizer, examples.form.criterion(), examples, settings.grad_clip)
+
+
+def compiled_step(model, optimizer, examples, settings, grad_clip=None):
+    grad_clip = settings.grad_clip if grad_clip is None else grad_clip
+    return CompiledStep(model, optimizer, examples.form.criterion(), examples, settings.batch_size, grad_clip)
 
 
 def state(model, optimizer):
@@ -68,11 +73,11 @@ def test_compiled_steps_equal_eager_steps_in_float64(name, corpus):
     g = torch.Generator().manual_seed(1)
     batches = [examples.draw(settings.batch_size, g) for _ in range(STEPS)]
     before = {k: v.clone() for k, v in model.parameters().items()}
-    expected_losses = eager_steps(eager_model, eager_optimizer, examples, settings, batches)
+    expected_losses = take_steps(eager_step(eager_model, eager_optimizer, examples, settings), batches, settings)
 
-    step = CompiledStep(model, optimizer, loss_for(examples.form), examples, settings.batch_size, settings.grad_clip)
+    step = compiled_step(model, optimizer, examples, settings)
     assert all(torch.equal(before[k], p) for k, p in model.parameters().items())    # compiling took no step
-    losses = [step(ix, settings.lr * (i + 1) / STEPS).item() for i, ix in enumerate(batches)]
+    losses = take_steps(step, batches, settings)
 
     assert losses == pytest.approx(expected_losses, rel=1e-13, abs=0)
     expected, got = state(eager_model, eager_optimizer), state(model, optimizer)
@@ -96,8 +101,8 @@ def test_the_comparison_sees_a_wrong_learning_rate(corpus):
     eager_model, eager_optimizer, examples, settings = float64_run("mlp", corpus)
     model, optimizer, _, _ = float64_run("mlp", corpus)
     ix = examples.draw(settings.batch_size, torch.Generator().manual_seed(1))
-    eager_steps(eager_model, eager_optimizer, examples, settings, [ix])
-    CompiledStep(model, optimizer, loss_for(examples.form), examples, settings.batch_size, 0.0)(ix, settings.lr * 1.01)
+    eager_step(eager_model, eager_optimizer, examples, settings)(ix, settings.lr)
+    compiled_step(model, optimizer, examples, settings, grad_clip=0.0)(ix, settings.lr * 1.01)
     worst = max((p - eager_model.parameters()[k]).abs().max().item() for k, p in model.parameters().items())
     assert worst > 1e-6
 
@@ -121,7 +126,7 @@ def test_a_step_that_reads_a_stale_view_of_what_it_updates_is_refused(corpus):
             return [self.flat]
 
     with pytest.raises(RuntimeError, match="freeze"):
-        CompiledStep(model, StaleViews(params), loss_for(examples.form), examples, settings.batch_size, 0.0)
+        compiled_step(model, StaleViews(params), examples, settings, grad_clip=0.0)
 
 
 def test_train_compiles_when_asked_and_refuses_what_it_cannot_compile(tmp_path, capsys):

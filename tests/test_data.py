@@ -7,20 +7,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import sample_batch
 
 from handprop import data
 from handprop.data import (
     MIN_ITEMS,
+    SEQUENCES,
+    WINDOWS,
     Corpus,
     Vocab,
     build_examples,
     build_sequences,
     bundled_corpus_path,
     encode_splits,
+    form_named,
     index_dtype,
     load_corpus,
     make_splits,
-    sample_batch,
     split_items,
     split_order,
 )
@@ -127,11 +130,11 @@ def test_missing_file_and_unknown_characters(tmp_path):
 
 
 def test_sequences_score_exactly_the_positions_the_windows_score():
-    windows, sequences = make_splits(load_corpus(), block_size=3), make_splits(load_corpus(), None, form="sequences")
+    windows, sequences = make_splits(load_corpus(), block_size=3), make_splits(load_corpus(), None, form=SEQUENCES)
     assert sequences.signature() == windows.signature() and sequences.train_items == windows.train_items
     assert [X.shape for X, _ in sequences.tensors.values()] == [(25626, 16), (3203, 16), (3204, 16)]  # longest 15 + 1
     assert [int((Y != -1).sum()) for _, Y in sequences.tensors.values()] == [182625, 22655, 22866]
-    assert sequences.form == "sequences" and windows.form == "windows"
+    assert sequences.form is SEQUENCES and windows.form is WINDOWS
 
 
 def test_a_sequence_is_the_item_between_boundaries_then_padding():
@@ -144,7 +147,7 @@ def test_a_sequence_is_the_item_between_boundaries_then_padding():
 def test_windows_and_sequences_define_the_same_mean_loss():
     # a bigram model (logits from the last character alone) sees the same (context, target) pairs in both forms
     corpus = load_corpus()
-    windows, sequences = make_splits(corpus, block_size=1), make_splits(corpus, None, form="sequences")
+    windows, sequences = make_splits(corpus, block_size=1), make_splits(corpus, None, form=SEQUENCES)
     table = torch.randn(27, 27, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for (Xw, Yw), (Xs, Ys) in zip(windows.tensors.values(), sequences.tensors.values(), strict=True):
         by_windows = F.cross_entropy(table[Xw[:, -1]], Yw)
@@ -154,14 +157,15 @@ def test_windows_and_sequences_define_the_same_mean_loss():
 
 def test_sequences_refuse_a_block_size_shorter_than_the_longest_item():
     with pytest.raises(UserError, match="longest item has 15 characters.*at least 16.*got 12"):
-        make_splits(load_corpus(), 12, form="sequences")
-    X, Y = make_splits(load_corpus(), 20, form="sequences").tensors["val"]
-    assert X.shape == Y.shape == (3203, 20) and (Y[:, 16:] == -1).all()
+        make_splits(load_corpus(), 12, form=SEQUENCES)
+    X, Y = make_splits(load_corpus(), 20, form=SEQUENCES).tensors["val"]   # a model with room to spare
+    assert X.shape == Y.shape == (3203, 16)         # rows hold the longest item + 1, not the model's positions
+    assert form_named("sequences") is SEQUENCES and form_named("windows") is WINDOWS
     with pytest.raises(UserError, match=r"unknown data form 'tokens' \(choose windows or sequences\)"):
-        make_splits(load_corpus(), 3, form="tokens")
+        form_named("tokens")
 
 
-@pytest.mark.parametrize("form, block_size", [("windows", 3), ("sequences", None)])
+@pytest.mark.parametrize("form, block_size", [(WINDOWS, 3), (SEQUENCES, None)])
 def test_sample_batch_draws_paired_rows_as_the_lectures_do(form, block_size):
     splits = make_splits(Corpus(["anna", "bob", "eve", "zoe", "ada", "ian", "kim", "lea", "max", "ned"], 0, "", ""),
                          block_size, form=form)
@@ -186,7 +190,7 @@ def test_the_token_stream_gives_exactly_the_listed_windows_and_sequences(block_s
         assert all(torch.equal(a, b) for a, b in zip(examples, (X, Y), strict=True))
         ix = torch.randint(0, len(examples), (50,), generator=torch.Generator().manual_seed(1))
         assert all(torch.equal(a, b) for a, b in zip(examples.batch(ix), (X[ix], Y[ix]), strict=True))
-    sequences = make_splits(Corpus(ITEMS, 0, "", ""), None, seed=7, form="sequences")
+    sequences = make_splits(Corpus(ITEMS, 0, "", ""), None, seed=7, form=SEQUENCES)
     for items, examples in zip((sequences.train_items, sequences.val_items, sequences.test_items),
                                sequences.tensors.values(), strict=True):
         X, Y = build_sequences(items, vocab, 5)                 # the longest item, zoë or carl, + 1
@@ -273,3 +277,20 @@ def test_a_seeded_batch_draws_the_rows_sample_batch_draws():
 def test_encoding_with_a_vocabulary_that_lacks_a_character_names_it():
     with pytest.raises(UserError, match="'日'"):
         make_splits(Corpus(ITEMS, 0, "", ""), 3, vocab=Vocab.from_items([i for i in ITEMS if i != "日本"] + ["本"]))
+
+
+def test_a_batch_of_sequences_is_padded_to_its_own_longest_item():
+    train = make_splits(load_corpus(), None, form=SEQUENCES).tensors["train"]
+    X, Y = train                                            # every row, padded to the split's width
+    widths = []
+    for seed in range(5):
+        ix = train.draw(8, torch.Generator().manual_seed(seed))
+        Xb, Yb = train.batch(ix)
+        width = int((Y[ix] != -1).sum(1).max())             # the longest item's characters + its end token
+        widths.append(width)
+        assert Xb.shape == Yb.shape == (8, width)
+        assert torch.equal(Xb, X[ix][:, :width]) and torch.equal(Yb, Y[ix][:, :width])    # the same rows, cut
+        assert (Y[ix][:, width:] == -1).all()               # what is cut off is padding only
+        assert all(torch.equal(a, b) for a, b in zip(train.batch(ix, padded_to=X.shape[1]), (X[ix], Y[ix]),
+                                                      strict=True))
+    assert max(widths) < X.shape[1]                         # 8 names rarely hold the longest of 32033

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from handprop import data
 from handprop.data import (
+    SEQUENCES,
     Corpus,
     Vocab,
     build_examples,
@@ -87,9 +88,9 @@ def test_context_windows_never_cross_item_boundaries(corpus_items, block_size):
 @given(items, st.integers(0, 4))
 def test_sequences_are_each_item_between_boundaries_shifted_by_one(corpus_items, extra):
     longest = max(len(text) for text in corpus_items)
-    block_size = None if extra == 0 else longest + extra        # the default width, or a wider one
-    splits = make_splits(Corpus(corpus_items, 0, "", ""), block_size, form="sequences")
-    vocab, T = splits.vocab, longest + max(extra, 1)
+    block_size = None if extra == 0 else longest + extra        # any model, or one with room to spare
+    splits = make_splits(Corpus(corpus_items, 0, "", ""), block_size, form=SEQUENCES)
+    vocab, T = splits.vocab, longest + 1                        # rows hold the longest item and its end token
     split_lists = (splits.train_items, splits.val_items, splits.test_items)
     for split_items_, (X, Y) in zip(split_lists, splits.tensors.values(), strict=True):
         assert X.shape == Y.shape == (len(split_items_), T)     # one width for every split
@@ -108,4 +109,4 @@ def test_sequences_refuse_any_block_size_too_short_for_the_longest_item(corpus_i
     longest = max(len(text) for text in corpus_items)
     too_short = longest + 1 - shortfall
     with pytest.raises(UserError, match=f"has {longest} characters.*at least {longest + 1}.*got {too_short}$"):
-        make_splits(Corpus(corpus_items, 0, "", ""), too_short, form="sequences")
+        make_splits(Corpus(corpus_items, 0, "", ""), too_short, form=SEQUENCES)

@@ -8,19 +8,20 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import sample_batch
 
 from handprop.checkpoint import LATEST, load_checkpoint
 from handprop.cli import main
 from handprop.config import TrainConfig
-from handprop.data import IGNORED, load_corpus, make_splits, sample_batch
+from handprop.data import IGNORED, load_corpus, make_splits
 from handprop.diagnostics import FILENAME, Diagnostics, load_history
 from handprop.evaluation import make_run_splits
 from handprop.gradcheck import part_params, twin_forward
 from handprop.layers import Residual, Sequential, walk
-from handprop.losses import loss_for
 from handprop.models import build_model
-from handprop.optim import clip_grad_norm, make_optimizer, make_schedule
+from handprop.optim import make_optimizer
 from handprop.settings import preset, recipe
+from handprop.step import clip_and_update, forward_backward, schedule_for
 from handprop.train import train
 
 
@@ -123,20 +124,19 @@ def test_recorded_statistics_equal_a_direct_computation(tmp_path, name, override
     # replay the run: the same seed gives the same init, batches and dropout masks; updates by the project's optimiser
     model_config = load_checkpoint(tmp_path / LATEST).spec.model_config     # vocabulary and positions from the data
     splits = make_run_splits(corpus, model_config)
-    (Xtr, Ytr), val = splits.tensors["train"], splits.tensors["val"]
+    examples, val = splits.tensors["train"], splits.tensors["val"]
     generator = torch.Generator().manual_seed(config.seed)
     with torch.inference_mode():
         model = build_model(model_config, generator)
+    model.take_noise_from(splits.form.noise_source(examples))  # the run's dropout masks, whatever a batch's width
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.weight_decay)
-    schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
-                             config.min_lr)
-    criterion, norms = loss_for(model_config.form), []
+    schedule = schedule_for(config)
+    criterion, norms = splits.form.criterion(), []
     for step in range(config.max_steps):
-        Xb, Yb = sample_batch(Xtr, Ytr, config.batch_size, generator)
+        Xb, Yb = examples.sample(config.batch_size, generator)      # the run's batch, padded as the run padded it
         masks = generator.get_state()
         with torch.inference_mode():                           # the hand-written passes the run took
-            criterion.forward(model.forward(Xb), Yb)           # (they move BatchNorm's running statistics)
-            model.backward(criterion.backward())
+            forward_backward(model, criterion, Xb, Yb)         # (they move BatchNorm's running statistics)
         drawn = generator.get_state()
         generator.set_state(masks)                             # the twins draw the same dropout masks...
         passes = autograd_pass(model, Xb, Yb)
@@ -147,10 +147,8 @@ def test_recorded_statistics_equal_a_direct_computation(tmp_path, name, override
         expected = expected_statistics(model, name, passes, scored, val, scale)
         assert history.train_loss[step] == pytest.approx(passes[0], rel=1e-6)
         with torch.inference_mode():
-            if config.grad_clip:
-                clip_grad_norm(model.grads, config.grad_clip)
             before = {k: p.clone() for k, p in model.parameters().items()}
-            optimizer.step(model.grads, schedule(step))
+            clip_and_update(model, optimizer, config.grad_clip, optimizer.next_numbers(schedule(step)))
         if step not in history.steps:
             continue
         row = history.steps.index(step)

@@ -13,6 +13,7 @@ from handprop.errors import UserError
 from handprop.gradcheck import CELL_TWINS, TWINS, LossLayer, compare, layer_cases, twin_forward
 from handprop.layers import (
     GELU,
+    BatchNorm1d,
     CausalSelfAttention,
     Dropout,
     Embedding,
@@ -23,8 +24,10 @@ from handprop.layers import (
     Residual,
     RNNCell,
     Sequential,
+    walk,
 )
 from handprop.losses import SequenceCrossEntropy
+from handprop.models import build_model, preset
 
 F64 = torch.float64
 
@@ -77,8 +80,8 @@ def test_the_check_catches_a_softmax_backward_without_its_row_sum_term(monkeypat
 
 
 class GRUCellDroppingDh(GRUCell):
-    def step_backward(self, dh_next, cache):
-        dx, dh, grads = super().step_backward(dh_next, cache)
+    def next_hidden_backward(self, dh_next, cache):
+        dx, dh, grads = super().next_hidden_backward(dh_next, cache)
         return dx, torch.zeros_like(dh), grads          # nothing carried back to the previous step
 
 
@@ -267,3 +270,33 @@ def test_a_bigram_table_read_as_logits_over_padded_sequences_gradchecks():
     bigram = Sequential([Embedding(randn(g, V, V)), LossLayer(targets, SequenceCrossEntropy())])
     rows = compare("bigram", bigram, ix, randn(g))
     assert [r.tensor for r in rows] == ["d0.weight"] and rows[0].ok, rows
+
+
+def test_the_declared_seams_reach_every_nested_layer_and_change_nothing_until_used():
+    model = build_model(preset("transformer", vocab_size=27, block_size=8, n_layers=2, dropout=0.5),
+                        torch.Generator().manual_seed(0))
+    dropouts = [layer for layer in walk(model) if isinstance(layer, Dropout)]
+    assert len(dropouts) == 5 and all(d.rows is None and d.noise_source is None for d in dropouts)    # the defaults
+    generator = torch.Generator().manual_seed(1)
+    model.use_generator(generator)
+    model.share_batch(slice(2, 4), 8, None)
+    assert all(d.generator is generator and d.rows == (slice(2, 4), 8) for d in dropouts)
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(2))
+    drawn = []
+
+    def keep_everything(layer, shape, dtype, device):
+        drawn.append((layer, shape))
+        return torch.ones(shape, dtype=dtype, device=device)
+
+    model.take_noise_from(keep_everything)
+    state = generator.get_state()
+    assert torch.equal(dropouts[0].forward(x), x / 0.5)                     # nothing dropped: the source's noise
+    assert drawn == [(dropouts[0], (8, 3, 4))] and torch.equal(generator.get_state(), state)    # the whole batch
+    model.take_noise_from(None)
+    dropouts[0].forward(x)                                                  # back to the layer's generator
+    assert not torch.equal(generator.get_state(), state) and len(drawn) == 1
+    mlp = build_model(preset("mlp", vocab_size=27), torch.Generator().manual_seed(0))
+    norms = [layer for layer in walk(mlp) if isinstance(layer, BatchNorm1d)]
+    assert norms and all(n.reduce is None for n in norms)
+    mlp.share_batch(slice(0, 16), 32, torch.Tensor.neg_)
+    assert all(n.reduce is torch.Tensor.neg_ for n in norms)

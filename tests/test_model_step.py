@@ -3,14 +3,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import sample_batch
 
-from handprop.data import IGNORED, Vocab, build_sequences, load_corpus, sample_batch
+from handprop.data import IGNORED, SEQUENCES, Vocab, build_sequences, load_corpus
 from handprop.gradcheck import twin_forward
 from handprop.layers import Dropout, walk
-from handprop.losses import CrossEntropy, loss_for
+from handprop.losses import CrossEntropy
 from handprop.models import build_model
-from handprop.optim import SGD, AdamW, clip_grad_norm, make_optimizer
+from handprop.optim import SGD, AdamW, make_optimizer
 from handprop.settings import preset, recipe
+from handprop.step import clip_and_update, forward_backward
 
 
 def model_and_batch(name, seed=0):
@@ -33,10 +35,9 @@ def autograd_step(model, X, Y, update):
 
 
 def hand_step(model, X, Y, optimizer, lr):
-    criterion = CrossEntropy()
-    criterion.forward(model.forward(X), Y)
-    model.backward(criterion.backward())
-    optimizer.step(model.grads, lr)
+    """The training step's body (step.py) on the batch X, Y: forward, backward by hand, the update."""
+    forward_backward(model, CrossEntropy(), X, Y)
+    clip_and_update(model, optimizer, 0.0, optimizer.next_numbers(lr))
     return model.parameters()
 
 
@@ -118,7 +119,7 @@ def sequence_steps(model, masks, batches, settings, replay_masks=True):
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.parameters().items()}
     reference = torch_adamw(params, settings)
     optimizer = make_optimizer("adamw", model.parameters(), settings.weight_decay)
-    criterion, worst, norms = loss_for("sequences"), 0.0, []
+    criterion, worst, norms = SEQUENCES.criterion(), 0.0, []
     for Xb, Yb in batches:
         state = masks.get_state()
         reference.zero_grad()
@@ -130,14 +131,11 @@ def sequence_steps(model, masks, batches, settings, replay_masks=True):
         reference.step()
         if replay_masks:
             masks.set_state(state)
-        # the training loop's step (train.run_steps), every gradient by hand
-        criterion.forward(model.forward(Xb), Yb)
-        model.backward(criterion.backward())
-        if settings.grad_clip:
-            clip_grad_norm(model.grads, settings.grad_clip)
+        # the training step's body (step.py), every gradient by hand; the update leaves the clipped gradients
+        forward_backward(model, criterion, Xb, Yb)
+        clip_and_update(model, optimizer, settings.grad_clip, optimizer.next_numbers(settings.lr))
         for k, g in model.grads.items():
             worst = max(worst, ((g - params[k].grad).abs().max() / params[k].grad.abs().max()).item())
-        optimizer.step(model.grads, settings.lr)
     return model.parameters(), {k: v.detach() for k, v in params.items()}, worst, norms
 
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import generate_sequences
 
 from handprop.checkpoint import load_checkpoint
 from handprop.cli import main
-from handprop.data import load_corpus
+from handprop.data import SEQUENCES, Sequences, load_corpus
 from handprop.layers import eval_mode
 from handprop.optim import AdamW
-from handprop.sample import generate_sequences, longest_sample, sample_items
+from handprop.sample import longest_sample, sample_items
 
 STEPS = 60                  # a straight run's steps; the other run is stopped after half of them and resumed
 MODELS = {                  # tiny, on their own recipes; a short warmup (and the transformer a higher lr) so they learn
@@ -67,15 +68,15 @@ def train_pair(name, corpus_file, root):
             "--log-every", 10]
     status, straight_log = handprop(*argv, "-o", root / "straight")
     assert status == 0
-    real_step = AdamW.step
+    real_update = AdamW.update
 
-    def step_then_interrupt(self, grads, lr):
-        real_step(self, grads, lr)
+    def update_then_interrupt(self, grads, *numbers):
+        real_update(self, grads, *numbers)
         if self.t == STEPS // 2:
             os.kill(os.getpid(), signal.SIGINT)     # as Ctrl-C: the loop saves after this step and stops
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(AdamW, "step", step_then_interrupt)
+        patch.setattr(AdamW, "update", update_then_interrupt)
         assert handprop(*argv, "-o", root / "resumed")[0] == 128 + signal.SIGINT
     stopped = load_checkpoint(root / "resumed" / "model.safetensors")
     assert stopped.step == STEPS // 2 and not stopped.finished
@@ -98,19 +99,20 @@ def trained(corpus_file, tmp_path_factory):
 
 
 def every_tensor(work_dir):
-    """A finished run's parameters, buffers and extra state (optimizer moments, random generator state)."""
+    """A finished run's parameters, buffers and the state to go on (optimizer moments, the batch generator)."""
     checkpoint = load_checkpoint(work_dir / "model.safetensors")
     assert checkpoint.finished
     model = checkpoint.model
     return ({f"param.{k}": v for k, v in model.parameters().items()} | {f"buffer.{k}": v for k, v in
-            model.buffers().items()} | {f"extra.{k}": v for k, v in checkpoint.extra.items()})
+            model.buffers().items()} | {f"optimizer.{k}": v for k, v in checkpoint.optimizer_tensors.items()}
+            | {"batch_generator": checkpoint.batch_generator})
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_a_run_stopped_half_way_and_resumed_equals_the_run_straight_through(name, trained):
     pair = trained(name)
     straight, resumed = every_tensor(pair.straight), every_tensor(pair.resumed)
-    assert straight.keys() == resumed.keys() and any(k.startswith("extra.optim.") for k in straight)
+    assert straight.keys() == resumed.keys() and any(k.startswith("optimizer.m.") for k in straight)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
     assert pair.straight_log.splitlines()[-1] == pair.resumed_log.splitlines()[-1]     # the same final losses
@@ -245,3 +247,45 @@ def test_sampling_past_the_transformers_positions_is_one_error_line_and_changes_
     err = capsys.readouterr().err
     assert status == 2 and printed == "" and one_error_line(err, "16 positions"), err
     assert snapshot(work_dir) == before
+
+
+def test_a_prefix_longer_than_the_transformer_reads_says_how_long_one_may_be(trained, capsys):
+    # 16 positions: the start token, 14 characters of prefix, and a position for the first new character
+    work_dir = trained("transformer").straight
+    capsys.readouterr()
+    status, printed = handprop("sample", "-o", work_dir, "--prefix", "abcdefghijklmnopqrstuvwxyzabcdefghijklm")
+    err = capsys.readouterr().err
+    assert status == 2 and printed == "" and one_error_line(err, "at most 14 characters"), err
+    assert "--max-length" not in err and "has 39" in err
+    status, printed = handprop("sample", "-o", work_dir, "-n", 3, "--seed", 1, "--prefix", "abcdefghijklmn")
+    assert status == 0 and all(line.startswith("abcdefghijklmn") for line in printed.splitlines())
+    assert len(printed.splitlines()) == 3
+
+
+def test_one_long_line_among_names_pads_only_the_batches_that_hold_it(tmp_path, capsys, monkeypatch):
+    # 52 names and one line of 1000 characters: every batch used to be padded to 1001 positions (79 s, 4.8 GB)
+    corpus_file = tmp_path / "names-and-a-line.txt"
+    corpus_file.write_text("\n".join(load_corpus().items[:52] + ["x" * 1000]) + "\n")
+    widths = []                             # (the batch's longest item + 1, the width it was padded to) of each step
+    batch = Sequences.batch
+
+    def recorded(self, examples, ix, padded_to=None):
+        X, Y = batch(self, examples, ix, padded_to)
+        if padded_to is None:               # a training batch (evaluation pads to the split's width, a few rows a pass)
+            widths.append((int((examples.bounds[ix + 1] - examples.bounds[ix]).max()), X.shape[1]))
+        return X, Y
+
+    monkeypatch.setattr(Sequences, "batch", recorded)
+    status, printed = handprop("train", "--model", "transformer", "--n-layers", 1, "--max-steps", 3, "--warmup", 0,
+                               "-i", corpus_file, "-o", tmp_path / "out")
+    assert status == 0
+    warnings = [line for line in printed.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "1000 characters" in warnings[0] and "99% of them at most" in warnings[0]
+    assert len(widths) == 3 and all(width == longest for longest, width in widths)    # each its own longest + 1
+    assert any(width <= 16 for _, width in widths)      # a batch of names only is as narrow as its names
+    assert load_checkpoint(tmp_path / "out" / "model.safetensors").spec.model_config.block_size == 1001
+
+
+def test_a_corpus_without_an_outlier_warns_of_nothing():
+    assert SEQUENCES.padding_warning(load_corpus().items) is None
+    assert SEQUENCES.padding_warning(["ab"] * 200 + ["x" * 100]) is not None

@@ -214,19 +214,19 @@ def test_version(capsys):
 
 def test_eval_of_an_unfinished_run_says_which_step_and_that_it_has_not_finished(corpus, tmp_path, capsys,
                                                                                  monkeypatch):
-    real_step = SGD.step
+    real_update = SGD.update
 
-    def step_then_interrupt(self, grads, lr):
-        real_step(self, grads, lr)
+    def update_then_interrupt(self, grads, lr):
+        real_update(self, grads, lr)
         self.steps = getattr(self, "steps", 0) + 1
         if self.steps == 10:
             os.kill(os.getpid(), signal.SIGINT)     # as Ctrl-C: the loop saves after this step and stops
 
-    monkeypatch.setattr(SGD, "step", step_then_interrupt)
+    monkeypatch.setattr(SGD, "update", update_then_interrupt)
     work_dir = tmp_path / "run"
     argv = ["train", "-i", corpus, "--max-steps", "30", "--n-hidden", "16", *FAST, "-o", work_dir]
     assert run_main(argv, capsys)[0] == 128 + signal.SIGINT
-    monkeypatch.setattr(SGD, "step", real_step)
+    monkeypatch.setattr(SGD, "update", real_update)
     status, out, _ = run_main(["eval", "-o", work_dir], capsys)
     lines = out.splitlines()
     assert status == 0 and len(lines) == 2 and lines[1].startswith("train loss ")

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import run_main
+from helpers import generate
 
 from handprop.checkpoint import from_metadata, load_checkpoint, metadata
 from handprop.cli import build_parser, main
-from handprop.sample import generate
 
 NAMES = "\n".join(["anna", "bob", "carla", "dora", "emil", "fritz", "gina", "hugo", "ines", "jonas", "karl", "lena"])
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"

@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import generate
 
 from handprop.checkpoint import load_checkpoint
 from handprop.cli import main
 from handprop.data import load_corpus, split_items
 from handprop.losses import CrossEntropy, SequenceCrossEntropy
-from handprop.sample import generate
 from handprop.settings import preset, recipe
 from handprop.train import train
 

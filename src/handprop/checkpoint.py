@@ -16,14 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .config import ModelConfig, TrainConfig, config_from_dict, validate_model, validate_train
-from .data import CorpusInfo, Vocab
+from .data import CorpusInfo, Vocab, form_named
 from .errors import UserError
 from .models import build_model
 
 LATEST, BEST = "model.safetensors", "best.safetensors"  # checkpoint file names in a work directory
 CONFIG_JSON = "config.json"                             # a readable copy of the latest checkpoint's metadata
 FORMAT = "handprop-checkpoint"
-VERSION = 2                 # 2: wavenet configs record their depth in n_layers
+VERSION = 3                 # 3: the optimiser's tensors and the batch generator in fields of their own
+READABLE_VERSIONS = (2, 3)  # 2: the same, kept in 'extra.optim.*' and 'extra.rng.batches'
 
 
 def atomic_write(path, data):
@@ -77,6 +78,11 @@ class RunSpec:
     split_signature: str    # hash of the three splits' items (Splits.signature)
     longest_item: int       # characters of the longest item (sampling stops at twice that)
 
+    @property
+    def form(self):
+        """How the model reads the data and generates: data.WINDOWS or data.SEQUENCES."""
+        return form_named(self.model_config.form)
+
 
 @dataclass
 class Checkpoint:
@@ -88,8 +94,9 @@ class Checkpoint:
     best_val: float         # lowest val loss at a save so far (best.safetensors)
     finished: bool          # the run reached max_steps and its final evaluation
     losses: dict | None     # {'train', 'val', 'test'} final losses of a finished run
-    optimizer_state: dict   # the optimiser's plain numbers (its tensors are in extra)
-    extra: dict             # extra tensors: optimiser state 'optim.*', random generator states 'rng.*'
+    optimizer_state: dict   # the optimiser's plain numbers (AdamW's step count)
+    optimizer_tensors: dict  # the optimiser's tensors by name (AdamW's moments 'm.<parameter>', 'v.<parameter>')
+    batch_generator: torch.Tensor   # the state of the generator that draws the batches (and dropout masks)
     world_size: int = 1     # the ranks that shared each batch when it was saved (the result does not depend on it)
 
 
@@ -98,7 +105,8 @@ def save_checkpoint(path, checkpoint):
     model = checkpoint.model
     tensors = {f"param.{k}": v for k, v in model.parameters().items()}
     tensors |= {f"buffer.{k}": v for k, v in model.buffers().items()}
-    tensors |= {f"extra.{k}": v for k, v in checkpoint.extra.items()}
+    tensors |= {f"optimizer.{k}": v for k, v in checkpoint.optimizer_tensors.items()}
+    tensors["batch_generator"] = checkpoint.batch_generator
     write_checkpoint(path, tensors, metadata(checkpoint))
 
 
@@ -141,7 +149,7 @@ def load_checkpoint(path, device="cpu"):
     if header.get("digest") != tensors_digest(tensors, header["handprop"]):
         raise UserError(f"{path} is damaged: its contents do not match the digest written with it")
     meta = json.loads(header["handprop"])
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
         raise UserError(f"{path} is a checkpoint of another format or version than this handprop reads")
     try:
         checkpoint = from_metadata(meta, path)
@@ -150,8 +158,24 @@ def load_checkpoint(path, device="cpu"):
     checkpoint.model = build_model(checkpoint.spec.model_config, device=device)
     _copy_into(checkpoint.model.parameters(), tensors, "param.", path)
     _copy_into(checkpoint.model.buffers(), tensors, "buffer.", path)
-    checkpoint.extra = {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}
+    fields = tensor_fields(meta["version"])
+    checkpoint.optimizer_tensors = named(tensors, fields["optimizer"])
+    if fields["batch_generator"] not in tensors:
+        raise UserError(f"{path} does not hold the state of its batch generator")
+    checkpoint.batch_generator = tensors[fields["batch_generator"]]
     return checkpoint
+
+
+def tensor_fields(version):
+    """Where a checkpoint of version keeps the optimiser's tensors (a name prefix) and the batch generator's state."""
+    if version == 2:
+        return {"optimizer": "extra.optim.", "batch_generator": "extra.rng.batches"}
+    return {"optimizer": "optimizer.", "batch_generator": "batch_generator"}
+
+
+def named(tensors, prefix):
+    """{name: tensor} for the tensors whose name starts with prefix, the prefix taken off."""
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def from_metadata(meta, path):
@@ -164,7 +188,7 @@ def from_metadata(meta, path):
     spec = RunSpec(model_config, train_config, vocab, CorpusInfo(**meta["corpus"]), meta["split_signature"],
                    int(meta["longest_item"]))
     return Checkpoint(spec, None, int(meta["step"]), float(meta["best_val"]), bool(meta["finished"]),
-                      meta["losses"], dict(meta["optimizer_state"]), {}, int(meta.get("world_size", 1)))
+                      meta["losses"], dict(meta["optimizer_state"]), {}, None, int(meta.get("world_size", 1)))
 
 
 def check_same_corpus(spec, corpus):
@@ -175,7 +199,7 @@ def check_same_corpus(spec, corpus):
 
 
 def _copy_into(targets, tensors, prefix, path):
-    saved = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    saved = named(tensors, prefix)
     if set(saved) != set(targets):
         raise UserError(f"{path} does not hold the tensors its own config describes")
     for name, target in targets.items():

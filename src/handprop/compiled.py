@@ -8,19 +8,21 @@ graph's elementwise work into a few C++ loops around the matrix products. No aut
 the graph is the hand-written backward, operation for operation, and every later step runs it on
 the run's own tensors, updating them in place.
 
-The plain layers stay the reference: tests/test_compiled.py checks compiled steps against eager
-ones in float64, for every model.
+The step's body is step.py's, written once: the traced function calls the same forward_backward and
+clip_and_update the eager step calls, and a CompiledStep answers the eager step's call. The plain
+layers stay the reference: tests/test_compiled.py checks compiled steps against eager ones in
+float64, for every model.
 """
 
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .config import AUTO_COMPILE_STEPS
 from .errors import UserError
-from .layers import Dropout, walk
-from .optim import clip_grad_norm
+from .step import clip_and_update, forward_backward
 
 
 def compile_obstacle(config, world_size, diagnostics):
@@ -51,10 +53,10 @@ def compile_wanted(config, obstacle):
 class CompiledStep:
     """A run's training step (batch, forward, backward, clipping, update) as one compiled graph.
 
-    step(ix, lr) does what train.run_steps' eager step does for the rows ix (B,) of examples at
-    learning rate lr, and returns the batch's loss (a 0-d tensor). Dropout's noise is drawn outside
-    the graph, from each layer's generator in the order the eager forward draws it, and handed in:
-    the same masks as the eager step's.
+    step(rows, lr, stop) is step.EagerStep's call, for one process: the same step on the rows (B,) of
+    examples at learning rate lr; it returns (the batch's loss, stop). Dropout's noise is drawn outside
+    the graph, from each layer's generator in the order the eager forward draws it, and handed in
+    through the layers' noise source (Layer.take_noise_from): the same masks as the eager step's.
     """
 
     def __init__(self, model, optimizer, criterion, examples, batch_size, grad_clip):
@@ -63,53 +65,56 @@ class CompiledStep:
         # every tensor the step reads or updates, passed in so that the graph updates these very tensors
         self.state = [*model.parameters().values(), *model.buffers().values(), *optimizer.tensors(),
                       examples.stream, examples.bounds]
-        self.dropouts = [layer for layer in walk(model) if isinstance(layer, Dropout) and layer.p > 0]
 
         handed = []     # the noise the traced step hands its dropout layers, in the order they draw
 
         def step(ix, numbers, *noise_and_state):    # the layers and the optimiser reach the state themselves
             handed[:] = noise_and_state[: len(noise_and_state) - len(self.state)]
-            X, Y = examples.batch(ix)
-            loss = criterion.forward(model.forward(X), Y)
-            model.backward(criterion.backward())
-            if grad_clip:
-                clip_grad_norm(model.grads, grad_clip)
-            optimizer.update(model.grads, *numbers.unbind())
+            X, Y = examples.batch(ix, padded_to=examples.width)     # one shape for every step: one graph
+            loss = forward_backward(model, criterion, X, Y)
+            clip_and_update(model, optimizer, grad_clip, numbers.unbind())
             return loss
 
         ix = torch.zeros(batch_size, dtype=torch.long)     # any rows: the graph depends on their shape only
         numbers = torch.ones(len(optimizer.NUMBERS), dtype=self.dtype)
         started = time.perf_counter()
-        try:
-            self.draws = noise_draws(self.dropouts, lambda: step(ix, numbers), self.state)
-            noise = [torch.rand(shape, dtype=dtype) for _, shape, dtype in self.draws]
-            for layer in self.dropouts:
-                layer.uniform = lambda shape, dtype, device: handed.pop(0)
+        self.draws = noise_draws(model, lambda: step(ix, numbers), self.state)
+        noise = [torch.rand(shape, dtype=dtype) for _, shape, dtype in self.draws]
+        with noise_from(model, lambda layer, shape, dtype, device: handed.pop(0)):
             graph = recorded(lambda: make_fx(step)(ix, numbers, *noise, *self.state), self.state)
-        finally:
-            for layer in self.dropouts:     # back to drawing from the generator
-                vars(layer).pop("uniform", None)
         check_constants(graph, self.state)
         example = [ix, numbers, *noise, *(t.clone() for t in self.state)]
         with torch._inductor.config.patch(cpp_wrapper=True):    # the graph's calls from C++: no Python between them
             self.compiled = torch._inductor.standalone_compile(graph, example, dynamic_shapes="from_example_inputs")
         self.seconds = time.perf_counter() - started
 
-    def __call__(self, ix, lr):
+    def __call__(self, rows, lr, stop=False):
+        """(the batch's mean loss, stop) after one step on the rows (B,) at lr: step.EagerStep's call."""
         numbers = torch.tensor(self.optimizer.next_numbers(lr), dtype=self.dtype)
         noise = [layer.uniform(shape, dtype, "cpu") for layer, shape, dtype in self.draws]    # as the eager step draws
-        return self.compiled(ix, numbers, *noise, *self.state)
+        return self.compiled(rows, numbers, *noise, *self.state).item(), stop
 
 
-def noise_draws(dropouts, run_step, state):
+@contextmanager
+def noise_from(model, source):
+    """While active, every layer of model that draws noise gets it from source(layer, shape, dtype, device)."""
+    model.take_noise_from(source)
+    try:
+        yield
+    finally:
+        model.take_noise_from(None)         # back to each layer's own generator
+
+
+def noise_draws(model, run_step, state):
     """(layer, shape, dtype) of each draw of noise in one step, in the order the step draws, found by running one."""
     draws = []
-    for layer in dropouts:
-        def record(shape, dtype, device, layer=layer):
-            draws.append((layer, tuple(shape), dtype))
-            return torch.rand(shape, dtype=dtype, device=device)    # not from the run's generator: it stays put
-        layer.uniform = record
-    recorded(run_step, state)
+
+    def record(layer, shape, dtype, device):
+        draws.append((layer, tuple(shape), dtype))
+        return torch.rand(shape, dtype=dtype, device=device)    # not from the run's generator: it stays put
+
+    with noise_from(model, record):
+        recorded(run_step, state)
     return draws
 
 

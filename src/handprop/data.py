@@ -4,6 +4,11 @@ Each split is held as one stream of token ids (Examples): every item as [boundar
 last boundary, one byte a character when the vocabulary fits. Windows and sequences are gathered
 from it per batch, so memory does not grow with the block size; build_examples and build_sequences
 are the plain list-building reference the streams are tested against.
+
+The two data forms are objects answering the same calls (WINDOWS and SEQUENCES): the rows of a
+split, a batch of them, the positions the loss counts, the loss itself, the rows an evaluation
+pass takes, and how a model of the form generates. Code above this module asks the form; it
+never compares its name.
 """
 
 import hashlib
@@ -21,6 +26,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .losses import IGNORED, CrossEntropy, SequenceCrossEntropy
+from .sample import sample_sequences, sample_windows
 
 BOUNDARY = "."              # how the start/end token (index 0) is shown
 MAX_ITEM_LENGTH = 1000      # characters; a longer line is almost surely not one item per line
@@ -29,8 +36,7 @@ STDIN = "-"                 # the input file name that means standard input
 STDIN_NAME = "<stdin>"      # how standard input is named in messages and in a checkpoint
 SPLIT_SEED = 42             # the lectures' random.seed(42) before shuffling the words
 SPLIT_NAMES = ("train", "val", "test")
-IGNORED = -1                # target of a padding position in the sequence form: it has no loss
-FORMS = ("windows", "sequences")    # block_size characters of context -> the next one; whole items, padded
+FAR_LONGER = 4             # an item this many times longer than almost every other (99%) makes its batches slow
 ENCODE_ITEMS = 1 << 14      # items encoded at a time: their text, ids and targets stay in the caches
 UNKNOWN_ITEMS = 1 << 16     # items, in split order, whose unknown characters one error names
 
@@ -318,30 +324,17 @@ class Examples:
 
     stream: torch.Tensor    # (S,) uint8, int16 or int32 token ids: [0, item, 0, item, ..., 0]
     bounds: torch.Tensor    # (N + 1,) int32 positions of the boundaries in stream (int64 from 2**31 tokens)
-    form: str               # one of FORMS
-    width: int              # windows: block_size; sequences: positions per row (the longest item + 1 at least)
+    form: object            # WINDOWS or SEQUENCES
+    width: int              # windows: block_size; sequences: the most positions a row has (the longest item + 1 at
+    #                         least); a batch of sequences is padded to its own longest item unless told otherwise
 
     def __len__(self):
-        return self.stream.shape[0] - 1 if self.form == "windows" else self.bounds.shape[0] - 1
+        return self.form.rows(self)
 
-    def batch(self, ix):
-        """The rows ix (B,): windows X (B, block_size), Y (B,); sequences X (B, T), Y (B, T), -1 on padding."""
-        if self.form == "windows":
-            # the block_size tokens up to and including stream[ix], oldest first (before 0: stream[0], a boundary)
-            X = self.stream[(ix[:, None] + self.window_offsets).clamp_(min=0)].long()     # (B, block_size)
-            # keep only what follows the window's last boundary (the item's own characters): columns are
-            # numbered 1..block_size, and every column before the last 0's number is zeroed
-            last_boundary = ((X == 0) * self.column_numbers).amax(1, keepdim=True)   # (B, 1), 0 if none
-            X *= self.column_numbers >= last_boundary
-            return X, self.stream[ix + 1].long()
-        offsets = torch.arange(self.width, device=ix.device)                   # (width,)
-        last = self.stream.shape[0] - 1
-        starts = self.bounds[ix]                                                # (B,)
-        lengths = self.bounds[ix + 1] - starts - 1                              # (B,) characters
-        X = self.stream[(starts[:, None] + offsets).clamp_(max=last)].long()    # (B, T)
-        Y = self.stream[(starts[:, None] + 1 + offsets).clamp_(max=last)].long()
-        past = offsets > lengths[:, None]                                       # (B, T) after the end token
-        return X.masked_fill_(past, 0), Y.masked_fill_(past, IGNORED)
+    def batch(self, ix, padded_to=None):
+        """The rows ix (B,): windows X (B, block_size), Y (B,); sequences X (B, T), Y (B, T), -1 on padding, T the
+        batch's longest item + 1 (padded_to: T = padded_to positions, the same for every batch: a compiled step)."""
+        return self.form.batch(self, ix, padded_to)
 
     @cached_property
     def window_offsets(self):
@@ -358,21 +351,142 @@ class Examples:
         return torch.randint(0, len(self), (batch_size,), generator=generator).to(self.stream.device)
 
     def sample(self, batch_size, generator):
-        """A minibatch drawn uniformly with replacement: the same draws, and rows, as sample_batch on the tensors."""
+        """A minibatch drawn uniformly with replacement, as in the lectures: X[ix], Y[ix] of every row's tensors."""
         return self.batch(self.draw(batch_size, generator))
 
-    def chunks(self, rows):
-        """(X, Y) for consecutive runs of rows examples, in order: evaluation without holding the whole split."""
+    def chunks(self, positions):
+        """(X, Y) for consecutive runs of rows, about `positions` positions each, in order, padded to the split's
+        width: evaluation without holding the whole split."""
+        rows = self.form.chunk_rows(self, positions)
         for first in range(0, len(self), rows):
-            yield self.batch(torch.arange(first, min(first + rows, len(self)), device=self.stream.device))
+            ix = torch.arange(first, min(first + rows, len(self)), device=self.stream.device)
+            yield self.batch(ix, padded_to=self.width)
 
     def scored(self):
         """How many positions the loss counts: every window; each sequence's characters and its end token."""
-        return len(self) if self.form == "windows" else int(self.bounds[-1] - self.bounds[0])
+        return self.form.scored(self)
 
     def __iter__(self):
-        """X, Y = examples: every row at once, as tensors (for small corpora, tests and benchmarks)."""
-        return iter(self.batch(torch.arange(len(self), device=self.stream.device)))
+        """X, Y = examples: every row at once, as tensors padded to the split's width (small corpora, tests)."""
+        return iter(self.batch(torch.arange(len(self), device=self.stream.device), padded_to=self.width))
+
+
+class Windows:
+    """The lectures' form: block_size characters of context -> the next character, one row per character."""
+
+    name = "windows"
+
+    def criterion(self):
+        """The loss of a batch: the mean cross-entropy over its rows."""
+        return CrossEntropy()
+
+    def rows(self, examples):
+        return examples.stream.shape[0] - 1             # a window ends at every token but the first boundary
+
+    def batch(self, examples, ix, padded_to=None):
+        # the block_size tokens up to and including stream[ix], oldest first (before 0: stream[0], a boundary)
+        X = examples.stream[(ix[:, None] + examples.window_offsets).clamp_(min=0)].long()     # (B, block_size)
+        # keep only what follows the window's last boundary (the item's own characters): columns are
+        # numbered 1..block_size, and every column before the last 0's number is zeroed
+        last_boundary = ((X == 0) * examples.column_numbers).amax(1, keepdim=True)   # (B, 1), 0 if none
+        X *= examples.column_numbers >= last_boundary
+        return X, examples.stream[ix + 1].long()
+
+    def scored(self, examples):
+        return len(examples)
+
+    def chunk_rows(self, examples, positions):
+        return positions                                # a window is one position
+
+    def width(self, longest, block_size):
+        """Positions per row for a model of block_size (the corpus's longest item plays no part)."""
+        return block_size
+
+    def padding_warning(self, items):
+        """None: a window's length does not depend on its item's."""
+        return None
+
+    def noise_source(self, examples):
+        """None: every batch has the same shape, so each layer draws its noise as it is (Layer.take_noise_from)."""
+        return None
+
+    def generate(self, model, vocab, block_size, num, generator, max_length, prefix, sampling):
+        """Indices (num, max_length - len(prefix)) drawn by a window model (sample.sample_windows)."""
+        return sample_windows(model, vocab, block_size, num, generator, max_length, prefix, sampling)
+
+
+class Sequences:
+    """Whole items: [boundary, c1..cn] -> [c1..cn, boundary], padded; the padded positions have no loss."""
+
+    name = "sequences"
+
+    def criterion(self):
+        """The loss of a batch: the mean cross-entropy over the positions that are not padding."""
+        return SequenceCrossEntropy()
+
+    def rows(self, examples):
+        return examples.bounds.shape[0] - 1             # an item between each two boundaries
+
+    def batch(self, examples, ix, padded_to=None):
+        starts = examples.bounds[ix]                                            # (B,)
+        lengths = examples.bounds[ix + 1] - starts - 1                          # (B,) characters
+        width = padded_to or int(lengths.max()) + 1     # a batch of short items is not padded to a long one's width
+        offsets = torch.arange(width, device=ix.device)                         # (T,)
+        last = examples.stream.shape[0] - 1
+        X = examples.stream[(starts[:, None] + offsets).clamp_(max=last)].long()    # (B, T)
+        Y = examples.stream[(starts[:, None] + 1 + offsets).clamp_(max=last)].long()
+        past = offsets > lengths[:, None]                                       # (B, T) after the end token
+        return X.masked_fill_(past, 0), Y.masked_fill_(past, IGNORED)
+
+    def scored(self, examples):
+        return int(examples.bounds[-1] - examples.bounds[0])    # each item's characters and its end token
+
+    def chunk_rows(self, examples, positions):
+        return max(1, positions // examples.width)
+
+    def width(self, longest, block_size):
+        """Positions per row: the longest item + 1, which a model of block_size positions must hold (None: a model
+        made to fit)."""
+        if block_size is not None:
+            check_sequence_length(longest, block_size)
+        return longest + 1
+
+    def padding_warning(self, items):
+        """A line saying one item is far longer than almost all the rest (the batches holding it are slow), or None."""
+        lengths = sorted(map(len, items))
+        typical, longest = lengths[(len(lengths) - 1) * 99 // 100], lengths[-1]
+        if longest <= FAR_LONGER * max(typical, 1):
+            return None
+        return (f"one item has {longest} characters, 99% of them at most {typical}: each batch is padded to its own "
+                "longest item, so the batches holding the long one are far slower (is it one item per line?)")
+
+    def noise_source(self, examples):
+        """A noise source (Layer.take_noise_from) for batches padded to their own longest item: each layer draws its
+        noise (B, T, ...) as for rows of the split's full width and keeps the first T positions, so the generator and
+        every mask at an item's positions are what a batch of full width (a compiled step's) gets."""
+
+        def draw(layer, shape, dtype, device):
+            full = torch.rand((shape[0], examples.width, *shape[2:]), generator=layer.generator, dtype=dtype,
+                              device=device)                # (B, width, ...)
+            return full[:, : shape[1]]                      # (B, T, ...)
+
+        return draw
+
+    def generate(self, model, vocab, block_size, num, generator, max_length, prefix, sampling):
+        """Indices (num, max_length - len(prefix)) drawn by a sequence model from its start token on
+        (sample.sample_sequences); block_size plays no part."""
+        return sample_sequences(model, vocab, num, generator, max_length, prefix, sampling=sampling)
+
+
+WINDOWS, SEQUENCES = Windows(), Sequences()
+FORMS = {form.name: form for form in (WINDOWS, SEQUENCES)}
+
+
+def form_named(name):
+    """The data form of that name ('windows' or 'sequences'; ModelConfig.form); another name is a UserError."""
+    if name not in FORMS:
+        raise UserError(f"unknown data form {name!r} (choose {' or '.join(FORMS)})")
+    return FORMS[name]
 
 
 @dataclass
@@ -384,7 +498,7 @@ class Splits:
     val_items: list
     test_items: list
     tensors: dict           # split name -> its Examples (X, Y = examples gives every row at once)
-    form: str = "windows"   # one of FORMS
+    form: object = WINDOWS  # WINDOWS or SEQUENCES
 
     def signature(self):
         """A hash of the split itself, so a checkpoint can tell it is resumed on the same data."""
@@ -394,29 +508,17 @@ class Splits:
         return h.hexdigest()
 
 
-def make_splits(corpus, block_size, seed=SPLIT_SEED, vocab=None, device="cpu", form="windows"):
+def make_splits(corpus, block_size, seed=SPLIT_SEED, vocab=None, device="cpu", form=WINDOWS):
     """Vocabulary (from the corpus unless given), split, and each split's Examples on device, in the given form.
 
-    windows: block_size characters of context -> the next character. sequences: each item whole, padded to
-    block_size positions (None: the longest item + 1, the same for every split).
+    WINDOWS: block_size characters of context -> the next character. SEQUENCES: each item whole, in rows of up to
+    the longest item + 1 positions (the same for every split), which block_size must hold (None: any).
     """
-    if form not in FORMS:
-        raise UserError(f"unknown data form {form!r} (choose {' or '.join(FORMS)})")
     vocab = vocab or Vocab.from_items(corpus.items)
     parts = split_order(len(corpus.items), seed)
     train, val, test = split_lists(corpus.items, parts)
-    if form == "sequences":             # one width for every split, checked against the whole corpus's longest item
-        longest = max(len(item) for item in corpus.items)
-        block_size = longest + 1 if block_size is None else block_size
-        check_sequence_length(longest, block_size)
+    width = form.width(max(map(len, corpus.items)), block_size)    # the whole corpus's longest item, every split
     tensors = {}
     for name, (stream, bounds) in zip(SPLIT_NAMES, encode_splits(corpus.items, parts, vocab), strict=True):
-        tensors[name] = Examples(stream.to(device), bounds.to(device), form, block_size)
+        tensors[name] = Examples(stream.to(device), bounds.to(device), form, width)
     return Splits(vocab, train, val, test, tensors, form)
-
-
-def sample_batch(X, Y, batch_size, generator):
-    """A minibatch of rows drawn uniformly with replacement, as in the lectures (windows or sequences)."""
-    ix = torch.randint(0, X.shape[0], (batch_size,), generator=generator)
-    ix = ix.to(X.device)
-    return X[ix], Y[ix]                     # windows (B, block_size), (B,); sequences (B, T), (B, T)

@@ -4,9 +4,9 @@ Every rank draws the same global batch from the same seeded generator and takes 
 of it; each computes its gradients by hand; one all-reduce per step sums them (flattened into
 one bucket, with the loss and any stop request). Each rank's loss is weighted by its share of
 the batch's scored positions, so the sum is the gradient of the global batch's mean loss: N
-ranks take the step one process takes with the whole batch. BatchNorm gets a function that sums
-its per-feature statistics over the ranks (sync BatchNorm); Dropout draws the whole batch's
-mask and keeps its rows. No DistributedDataParallel: it needs autograd.
+ranks take the step one process takes with the whole batch. Through Layer.share_batch, BatchNorm
+sums its per-feature statistics over the ranks (sync BatchNorm) and Dropout draws the whole
+batch's mask and keeps its rows. No DistributedDataParallel: it needs autograd.
 
 World (one process, every collective the identity) and Ranks (a torchrun launch) keep one
 contract, so the training loop has no branches for the distributed case.
@@ -22,7 +22,6 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .data import IGNORED
 from .errors import UserError
-from .layers import BatchNorm1d, Dropout, walk
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")   # what torchrun sets for every rank
 TIMEOUT_VARIABLE = "HANDPROP_TIMEOUT"   # seconds a rank waits for the others in one collective
@@ -136,11 +135,7 @@ class Ranks(World):
 
     def attach(self, model, batch_size):
         start, stop = shard_rows(self.rank, self.size, batch_size)
-        for layer in walk(model):
-            if isinstance(layer, BatchNorm1d):
-                layer.reduce = self.sum_over_ranks
-            elif isinstance(layer, Dropout):
-                layer.rows = (slice(start, stop), batch_size)
+        model.share_batch(slice(start, stop), batch_size, self.sum_over_ranks)     # Layer's declared seam
 
     def check_same(self, digest):
         mine = torch.tensor(list(bytes.fromhex(digest())), dtype=torch.uint8, device=self.device)  # (32,) sha256

@@ -1,19 +1,18 @@
 """A model's losses on whole splits, and BatchNorm's statistics set from the whole training split."""
 
-from .data import IGNORED, SPLIT_NAMES, make_splits
+from .data import SPLIT_NAMES, form_named, make_splits
 from .layers import BatchNorm1d, eval_mode
-from .losses import loss_for
+from .losses import IGNORED
 
-EVAL_CHUNK = 4096           # examples per forward pass when evaluating: small enough to stay in cache
+EVAL_CHUNK = 4096           # positions per forward pass when evaluating: small enough to stay in cache
 
 
 def split_loss(model, examples):
     """Mean cross-entropy over every scored position of a whole split (data.Examples), in chunks, in evaluation mode."""
-    criterion = loss_for(examples.form)
+    criterion = examples.form.criterion()
     total, count = 0.0, 0
-    chunk = EVAL_CHUNK if examples.form == "windows" else max(1, EVAL_CHUNK // examples.width)  # positions a pass
     with eval_mode(model):
-        for Xc, Yc in examples.chunks(chunk):
+        for Xc, Yc in examples.chunks(EVAL_CHUNK):
             scored = int((Yc != IGNORED).sum())     # every window; the unpadded positions of sequences
             total += criterion.forward(model.forward(Xc), Yc).item() * scored
             count += scored
@@ -22,9 +21,8 @@ def split_loss(model, examples):
 
 def make_run_splits(corpus, model_config, vocab=None, device="cpu"):
     """The splits in the form the model reads (sequences padded to the longest item + 1)."""
-    if model_config.form == "windows":
-        return make_splits(corpus, model_config.block_size, vocab=vocab, device=device)
-    return make_splits(corpus, None, vocab=vocab, device=device, form="sequences")
+    positions = model_config.block_size or None     # 0: a sequence model made to fit the longest item
+    return make_splits(corpus, positions, vocab=vocab, device=device, form=form_named(model_config.form))
 
 
 def evaluate(model, splits):

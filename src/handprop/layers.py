@@ -4,6 +4,11 @@
     dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads
     layer.parameters()         {name: tensor} in a stable order; layer.grads has the same keys
 
+Three seams, declared here with defaults that pass them on to the layers inside, let other modules
+change how a layer acts without reaching into it: share_batch (distributed.py: a layer that looks
+across the batch acts on the global batch), use_generator (a resumed run: the generator random
+noise is drawn from) and take_noise_from (compiled.py, data.py: where random noise comes from).
+
 Every backward here is proven against an autograd twin and finite differences in
 gradcheck.py. Nothing in this file calls autograd.
 """
@@ -54,6 +59,26 @@ class Layer:
 
     def eval(self):
         return self.train(False)
+
+    def share_batch(self, rows, batch_size, sum_over_ranks):
+        """Data parallel: this process takes rows (a slice) of every batch of batch_size, and sum_over_ranks(t) sums
+        a tensor over the processes in place. A layer that looks across the batch (BatchNorm1d's statistics,
+        Dropout's mask) then acts on the whole batch; by default a layer passes this on to the layers inside it."""
+        for child in self.children():
+            child.share_batch(rows, batch_size, sum_over_ranks)
+
+    def use_generator(self, generator):
+        """The torch.Generator a layer that draws random numbers in training (Dropout) draws them from; by default
+        passed on to the layers inside."""
+        for child in self.children():
+            child.use_generator(generator)
+
+    def take_noise_from(self, source):
+        """Where a layer that draws random numbers in training (Dropout) gets them: source(layer, shape, dtype,
+        device) returns uniform noise in [0, 1); None: the layer's own generator. A compiled step records the
+        draws, then hands its graph the noise through this; by default passed on to the layers inside."""
+        for child in self.children():
+            child.take_noise_from(source)
 
     def new_cache(self):
         """What step() keeps from one position to the next (None: the layer treats each position alone)."""
@@ -217,6 +242,9 @@ class BatchNorm1d(Layer):
         self.grads = {}
 
     reduce = None   # sync BatchNorm: sums a tensor over the processes sharing the batch; None: this process alone
+
+    def share_batch(self, rows, batch_size, sum_over_ranks):
+        self.reduce = sum_over_ranks        # the statistics of the global batch (sync BatchNorm)
 
     def summed(self, *sums):
         """Per-feature sums (C,) over every process's rows of the batch, in one all-reduce; alone, as given."""
@@ -433,6 +461,16 @@ class Dropout(Layer):
         self.mask = None
 
     rows = None     # data parallel: (this process's rows, as a slice, of a batch of n rows); None: the whole batch
+    noise_source = None     # take_noise_from's source of uniform noise; None: self.generator
+
+    def share_batch(self, rows, batch_size, sum_over_ranks):
+        self.rows = (rows, batch_size)
+
+    def use_generator(self, generator):
+        self.generator = generator
+
+    def take_noise_from(self, source):
+        self.noise_source = source
 
     def draw_mask(self, x):
         """1/(1-p) where an entry of x is kept, 0 where it is dropped; advances the generator.
@@ -445,7 +483,9 @@ class Dropout(Layer):
         return keep.to(x.dtype) / (1.0 - self.p)
 
     def uniform(self, shape, dtype, device):
-        """Uniform noise in [0, 1) from the layer's generator (a compiled step draws it here, then hands it in)."""
+        """Uniform noise in [0, 1) from the layer's generator, or from its noise source when it has one."""
+        if self.noise_source is not None:
+            return self.noise_source(self, shape, dtype, device)
         return torch.rand(shape, generator=self.generator, dtype=dtype, device=device)
 
     def forward(self, x):
@@ -650,13 +690,13 @@ class RNNCell(Layer):
         self.weight = weight                    # (C + H, H)
         self.bias = bias                        # (H,)
 
-    def step(self, x, h):
-        """h' (B, H) from x (B, C) and h (B, H), and the cache step_backward needs."""
+    def next_hidden(self, x, h):
+        """h' (B, H) from x (B, C) and h (B, H), and the cache next_hidden_backward needs."""
         xh = torch.cat([x, h], dim=1)                               # (B, C + H)
         h_next = torch.tanh(xh @ self.weight + self.bias)           # (B, H)
         return h_next, (xh, h_next)
 
-    def step_backward(self, dh_next, cache):
+    def next_hidden_backward(self, dh_next, cache):
         """(dL/dx, dL/dh, this step's parameter gradients) from dL/dh'."""
         # dpre = (1 - h'^2) dh'; dW = [x, h]^T dpre, db = sum of dpre, d[x, h] = dpre W^T
         xh, h_next = cache
@@ -685,8 +725,8 @@ class GRUCell(Layer):
         self.weight_r, self.bias_r = weight_r, bias_r               # reset gate
         self.weight_hbar, self.bias_hbar = weight_hbar, bias_hbar   # candidate state
 
-    def step(self, x, h):
-        """h' (B, H) from x (B, C) and h (B, H), and the cache step_backward needs."""
+    def next_hidden(self, x, h):
+        """h' (B, H) from x (B, C) and h (B, H), and the cache next_hidden_backward needs."""
         xh = torch.cat([x, h], dim=1)                                       # (B, C + H)
         r = torch.sigmoid(xh @ self.weight_r + self.bias_r)                 # (B, H)
         xrh = torch.cat([x, r * h], dim=1)                                  # (B, C + H)
@@ -694,7 +734,7 @@ class GRUCell(Layer):
         z = torch.sigmoid(xh @ self.weight_z + self.bias_z)                 # (B, H)
         return (1.0 - z) * h + z * hbar, (xh, h, r, xrh, hbar, z)
 
-    def step_backward(self, dh_next, cache):
+    def next_hidden_backward(self, dh_next, cache):
         """(dL/dx, dL/dh, this step's parameter gradients) from dL/dh'."""
         # dz = dh' (hbar - h), dhbar = dh' z, dh gets dh' (1 - z) directly plus the paths through r*h and both gates
         xh, h, r, xrh, hbar, z = cache
@@ -740,7 +780,7 @@ class Recurrent(Layer):
         h = self.h0.expand(x.shape[0], -1)                      # (B, H)
         self.caches, hiddens = [], []
         for t in range(x.shape[1]):
-            h, cache = self.cell.step(x[:, t], h)               # (B, H)
+            h, cache = self.cell.next_hidden(x[:, t], h)               # (B, H)
             self.caches.append(cache)
             hiddens.append(h)
         return torch.stack(hiddens, dim=1)                      # (B, T, H)
@@ -751,7 +791,7 @@ class Recurrent(Layer):
         grads = {name: torch.zeros_like(p) for name, p in self.cell.parameters().items()}
         dxs = [None] * dout.shape[1]
         for t in reversed(range(dout.shape[1])):
-            dxs[t], dh, step_grads = self.cell.step_backward(dout[:, t] + dh, self.caches[t])
+            dxs[t], dh, step_grads = self.cell.next_hidden_backward(dout[:, t] + dh, self.caches[t])
             for name, g in step_grads.items():
                 grads[name] += g                                # the cell's parameters fan out over time
         self.cell.grads = grads
@@ -764,7 +804,7 @@ class Recurrent(Layer):
     def step(self, x_t, state):
         """The forward's output at the next position only: x_t (B, 1, C); state (a HiddenState) moves on one step."""
         h = self.h0.expand(x_t.shape[0], -1) if state.h is None else state.h
-        state.h, _ = self.cell.step(x_t[:, 0], h)              # (B, H)
+        state.h, _ = self.cell.next_hidden(x_t[:, 0], h)              # (B, H)
         return state.h[:, None]                                 # (B, 1, H)
 
     def children(self):

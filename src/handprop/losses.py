@@ -2,7 +2,7 @@
 
 import torch
 
-from .data import IGNORED
+IGNORED = -1                # the target of a padding position (data.py's sequences): it has no loss
 
 
 class CrossEntropy:
@@ -47,8 +47,3 @@ class SequenceCrossEntropy:
         dlogits = self.probs.scatter_add(1, self.targets[:, None], minus_one)    # (N, V) probs - onehot
         row_scale = self.counted * (dloss / self.count)                 # (N,) 1/count, or 0 where ignored
         return (dlogits * row_scale[:, None]).reshape(self.shape)
-
-
-def loss_for(form):
-    """The loss of a data form: the lectures' cross-entropy, or the one that skips padded positions."""
-    return CrossEntropy() if form == "windows" else SequenceCrossEntropy()

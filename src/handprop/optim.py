@@ -8,11 +8,6 @@ import torch
 from .config import OPTIMIZERS, SCHEDULES
 from .errors import UserError
 
-DECAY_RULES = {                     # which parameters AdamW's weight decay shrinks, by (name, tensor)
-    "matrices": lambda name, p: p.ndim >= 2,    # weights and embeddings only, as nanoGPT/makemore group them
-    "all": lambda name, p: True,                # every parameter: handprop's original AdamW for the lecture models
-}
-
 
 def lecture_lr(step, max_steps, lr, decay_at=0.5):
     """lr for the first max(1, int(decay_at * max_steps)) steps, then lr / 10 (the lectures' single step decay)."""
@@ -152,17 +147,16 @@ class AdamW:
         self.t = numbers["t"]
 
 
-def decayed_names(params, rule="matrices"):
-    """The names of the parameters the named decay rule (DECAY_RULES) picks for weight decay."""
-    if rule not in DECAY_RULES:
-        raise UserError(f"unknown weight-decay rule {rule!r} (choose {' or '.join(DECAY_RULES)})")
-    return {name for name, p in params.items() if DECAY_RULES[rule](name, p)}
+def decayed_names(params):
+    """The names of the parameters AdamW's weight decay shrinks: the matrices (weights and embeddings), not the
+    biases and gains, as nanoGPT and makemore group them."""
+    return {name for name, p in params.items() if p.ndim >= 2}
 
 
-def make_optimizer(name, params, weight_decay=0.0, decay="matrices"):
-    """The named optimiser over params; decay names the DECAY_RULES entry AdamW's weight decay follows."""
+def make_optimizer(name, params, weight_decay=0.0):
+    """The named optimiser over params; AdamW's weight decay shrinks the matrices only (decayed_names)."""
     if name == "sgd":
         return SGD(params)                      # no weight decay: the lectures' plain SGD
     if name == "adamw":
-        return AdamW(params, weight_decay=weight_decay, decayed=decayed_names(params, decay))
+        return AdamW(params, weight_decay=weight_decay, decayed=decayed_names(params))
     raise UserError(f"unknown optimizer {name!r} (choose {' or '.join(OPTIMIZERS)})")

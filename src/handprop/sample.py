@@ -112,7 +112,7 @@ def mlp_logits(model):
 @torch.inference_mode()
 def sample_windows(model, vocab, block_size, num, generator, max_length, prefix="", sampling=Sampling()):
     """Indices (num, max_length - len(prefix)) drawn by a window model, 0 after each sample's end."""
-    device = model.parameters()["0.weight"].device
+    device = next(iter(model.parameters().values())).device
     start = ([0] * block_size + vocab.encode(prefix))[-block_size:]   # a long prefix: its last block_size characters
     steps = max_length - len(prefix)                                    # the prefix counts toward max_length
     sampled = torch.zeros(num, steps, dtype=torch.long, device=device)  # (num, steps) 0 pads after the end
@@ -133,12 +133,6 @@ def sample_windows(model, vocab, block_size, num, generator, max_length, prefix=
                     break
                 windows, rows = windows[keep], rows[keep]
     return sampled
-
-
-def generate(model, vocab, block_size, num, generator, max_length, prefix="", sampling=Sampling()):
-    """num strings, each prefix + sampled characters until the boundary token, max_length characters at most."""
-    sampled = sample_windows(model, vocab, block_size, num, generator, max_length, prefix, sampling)
-    return as_list(decode_lines(vocab, prefix, sampled))
 
 
 @torch.inference_mode()
@@ -168,12 +162,6 @@ def sample_sequences(model, vocab, num, generator, max_length, prefix="", cached
     return sampled
 
 
-def generate_sequences(model, vocab, num, generator, max_length, prefix="", cached=True, sampling=Sampling()):
-    """generate() for sequence models; cached=False recomputes the whole prefix for each character (to compare)."""
-    sampled = sample_sequences(model, vocab, num, generator, max_length, prefix, cached, sampling)
-    return as_list(decode_lines(vocab, prefix, sampled))
-
-
 def longest_sample(spec):
     """The most characters a sample of this model may have (None: no limit); only a transformer has a limit."""
     if spec.model_config.kind != "transformer":
@@ -184,6 +172,10 @@ def longest_sample(spec):
 def sample_length(spec, max_length, prefix):
     """The most characters a sample may have, prefix included: max_length, or a default from the training items."""
     limit = longest_sample(spec)
+    if limit is not None and len(prefix) >= limit:
+        raise UserError(f"this transformer reads {spec.model_config.block_size} positions, so a prefix can hold at "
+                        f"most {limit - 1} characters (the start token takes one, a new character another); --prefix "
+                        f"has {len(prefix)}")
     if max_length is None:                  # room for twice the longest item after the prefix, if the model has it
         max_length = len(prefix) + 2 * spec.longest_item
         max_length = max_length if limit is None else min(max_length, limit)
@@ -212,11 +204,8 @@ def stream_samples(model, spec, num, generator, max_length=None, prefix="", samp
     vocab.encode(prefix)                    # an unknown character is an error before anything is yielded
     for done in range(0, num, chunk):
         size = min(chunk, num - done)
-        if spec.model_config.form == "sequences":
-            sampled = sample_sequences(model, vocab, size, generator, max_length, prefix, sampling=sampling)
-        else:
-            sampled = sample_windows(model, vocab, spec.model_config.block_size, size, generator, max_length,
-                                     prefix, sampling)
+        sampled = spec.form.generate(model, vocab, spec.model_config.block_size, size, generator, max_length, prefix,
+                                     sampling)
         yield decode_lines(vocab, prefix, sampled)
 
 

@@ -29,13 +29,13 @@ from .diagnostics import NoDiagnostics, start_diagnostics
 from .distributed import ALONE, RankLost, World
 from .errors import UserError
 from .evaluation import evaluate, format_losses, make_run_splits, recalibrate_batchnorm, split_loss
-from .layers import BatchNorm1d, Dropout, walk
-from .losses import loss_for
+from .layers import BatchNorm1d
 from .memory import check_fits
 from .models import build_model, count_parameters, describe
-from .optim import clip_grad_norm, make_optimizer, make_schedule
+from .optim import make_optimizer
 from .progress import Log, Progress, wall_time
 from .settings import fit_to_corpus
+from .step import EagerStep, schedule_for
 from .stops import Interrupted, interruption, resume_hint, signal_handler, stop_at_once, stop_requests, stopped
 from .workdir import owned, saving
 
@@ -55,9 +55,8 @@ class Run:
 
     def checkpoint(self, finished=False, losses=None):
         tensors, numbers = self.optimizer.state_dict()
-        extra = {f"optim.{k}": v for k, v in tensors.items()} | {"rng.batches": self.generator.get_state()}
-        return Checkpoint(self.spec, self.model, self.step, self.best_val, finished, losses, numbers, extra,
-                          self.world.size)
+        return Checkpoint(self.spec, self.model, self.step, self.best_val, finished, losses, numbers, tensors,
+                          self.generator.get_state(), self.world.size)
 
     def digest(self):
         """A hash of everything the next step depends on: ranks must start from equal digests."""
@@ -96,15 +95,12 @@ def new_run(spec):
 def resumed_run(checkpoint, config):
     """The saved run, going on under config (which may differ only in RESUME_MAY_CHANGE)."""
     generator = torch.Generator()
-    generator.set_state(checkpoint.extra["rng.batches"])
+    generator.set_state(checkpoint.batch_generator)
     optimizer = make_optimizer(config.optimizer, checkpoint.model.parameters(), config.weight_decay)
-    tensors = {k.removeprefix("optim."): v.to(config.device) for k, v in checkpoint.extra.items()
-               if k.startswith("optim.")}
+    tensors = {k: v.to(config.device) for k, v in checkpoint.optimizer_tensors.items()}
     optimizer.load_state_dict(tensors, checkpoint.optimizer_state)
     spec = replace(checkpoint.spec, train_config=config)
-    for layer in walk(checkpoint.model):
-        if isinstance(layer, Dropout):
-            layer.generator = generator     # the masks go on from the saved state, as the batches do
+    checkpoint.model.use_generator(generator)   # the masks go on from the saved state, as the batches do
     return Run(spec, checkpoint.model, optimizer, generator, checkpoint.step, checkpoint.best_val, checkpoint.step)
 
 
@@ -144,6 +140,9 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
             sizes = " / ".join(f"{examples.scored()}" for examples in splits.tensors.values())
             out.write(f"{corpus.describe()}, vocabulary {splits.vocab.size}, characters to predict "
                       f"train/val/test {sizes}\n")
+            warning = splits.form.padding_warning(corpus.items)
+            if warning:
+                out.write(f"warning: {warning}\n")
             out.write(f"model {describe(run.spec.model_config)}: {count_parameters(run.model)} parameters"
                       + (f", resuming at step {run.step}" if resume_from else "") + "\n")
             if world.size > 1:
@@ -174,40 +173,25 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
     return run.model, losses
 
 
-def run_steps(run, splits, work_dir, out, diagnostics, val_loss, compiled=None):
+def run_steps(run, splits, work_dir, out, diagnostics, val_loss, step=None):
     """The optimisation loop from run.step to max_steps, saving every save_every steps, at the last, and to stop;
-    compiled: the run's CompiledStep, else each step is taken op by op."""
+    step: the run's step (step.py's call), compiled or eager; None: the eager step on run.world's ranks."""
     config = run.spec.train_config
-    criterion = loss_for(run.spec.model_config.form)
-    schedule = make_schedule(config.schedule, config.max_steps, config.lr, config.lr_decay_at, config.warmup,
-                             config.min_lr)
+    schedule = schedule_for(config)
     examples = splits.tensors["train"]
+    step = step or EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip,
+                             run.world, diagnostics)
     progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
     with stop_requests() as stop:
         while run.step < config.max_steps:
             lr = schedule(run.step)
             diagnostics.begin(run.step)
-            if compiled:                    # the same step in one compiled graph: the rows drawn here, as below
-                loss, agreed = compiled(examples.draw(config.batch_size, run.generator), lr).item(), bool(stop)
-            else:
-                # batch: the global batch, the same on every rank; this rank's rows and its weight in the mean loss
-                Xb, Yb = examples.sample(config.batch_size, run.generator)
-                Xb, Yb, share = run.world.shard(Xb, Yb)
-                # forward
-                loss = criterion.forward(run.model.forward(Xb), Yb)
-                # backward, every gradient by hand; then summed over the ranks with the loss and any stop request
-                run.model.backward(criterion.backward(share))
-                loss, agreed = run.world.all_reduce(run.model.grads, loss * share, bool(stop))
-            if not math.isfinite(loss):     # a host sync: the batch's loss is checked and logged
+            # the global batch's rows, the same on every rank; the step, summed over the ranks with any stop request
+            loss, agreed = step(examples.draw(config.batch_size, run.generator), lr, bool(stop))
+            if not math.isfinite(loss):     # the batch's loss, read on the host, is checked and logged
                 raise UserError(f"the loss became {loss} at step {run.step}: the learning rate ({lr:g}) is probably "
                                 f"too high; the last good checkpoint (step {run.saved_step}) is kept in {work_dir}")
-            if not compiled:
-                if config.grad_clip:
-                    clip_grad_norm(run.model.grads, config.grad_clip)
-                diagnostics.after_backward()
-                # update
-                run.optimizer.step(run.model.grads, lr)
-                diagnostics.after_update(run.step, loss)
+            diagnostics.after_update(run.step, loss)
             run.step += 1
             # save: every save_every steps, at the last step, and before stopping when asked to (on any rank)
             stopping = run.world.stopping(stop, agreed)     # read once: a signal may land between the two uses below
@@ -223,10 +207,11 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss, compiled=None):
 
 
 def compiled_step(run, examples, work_dir, out):
-    """The run's compiled step (compiled.py), or None where compiling failed under --compile auto (the eager step)."""
+    """The run's compiled step (compiled.py), or None where compiling failed under --compile auto (the eager step
+    then)."""
     config = run.spec.train_config
     out.write("compiling the training step (once: 5 s to a minute) ... ")
-    criterion = loss_for(run.spec.model_config.form)
+    criterion = examples.form.criterion()
 
     def stop(signum):                       # at once: a compile can take a minute, and nothing is lost
         kept = (f"the checkpoint at step {run.saved_step} is kept; {resume_hint(work_dir)}"
