@@ -57,6 +57,11 @@ class Exercise:
         """The forward as an ordered {name: Step}, one per line of forward_code."""
         return parse_forward(self.forward_code, self.constants)
 
+    def inputs(self):
+        """The tensors the forward reads but does not compute (the parameters and the data), in order of first use."""
+        steps = self.steps()
+        return tuple(dict.fromkeys(n for step in steps.values() for n in step.inputs if n not in steps))
+
 
 @dataclass(frozen=True)
 class Step:
