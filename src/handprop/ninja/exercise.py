@@ -8,6 +8,7 @@ tensors it reads, so the text the starter shows and the steps the grader checks 
 """
 
 import ast
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -55,7 +56,7 @@ class Exercise:
 
     def steps(self):
         """The forward as an ordered {name: Step}, one per line of forward_code."""
-        return parse_forward(self.forward_code, self.constants)
+        return dict(parse_forward(self.forward_code, self.constants))
 
     def inputs(self):
         """The tensors the forward reads but does not compute (the parameters and the data), in order of first use."""
@@ -75,6 +76,7 @@ class Step:
         return eval(self.code, {**MODULES, **constants}, {name: values[name] for name in self.inputs})
 
 
+@functools.cache     # the grader asks for the steps many times; parsed once, each caller gets its own dict
 def parse_forward(source, constants=()):
     """{name: Step} for each `name = expression` line of source, in order; inputs are the names read (not modules)."""
     steps = {}
@@ -121,8 +123,14 @@ def reference_gradients(exercise, tensors, constants):
 def run_code(code, values, constants, title):
     """Execute code (a solution, a slip) with the forward's values and constants in scope; the namespace after it."""
     namespace = {**MODULES, **constants, **values}
-    exec(compile(code, title, "exec"), namespace)
+    exec(compiled(code, title), namespace)
     return namespace
+
+
+@functools.cache
+def compiled(code, title):
+    """code compiled once (the grader runs each slip and fused formula for many versions)."""
+    return compile(code, title, "exec")
 
 
 def check_solution(exercise, dtype=torch.float64):

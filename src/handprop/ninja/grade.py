@@ -432,8 +432,12 @@ def check_gradients(exercise, versions, g):
         branches = {}       # version index -> (the steps whose branches it holds, maxdiff to their sum) if partial
         for i in mine:
             row, held = early[i], None
+            e = evidence(tuple(sorted(versions[i].context.items())))
             if not row:
-                row, held = grade_gradient(name, yours[i], evidence(tuple(sorted(versions[i].context.items()))))
+                row, held = grade_gradient(name, yours[i], e)
+            elif row.shape and (spread := broadcast(versions[i].value, g.truth[name])) is not None:
+                held = held_branches(name, spread, e)      # `dcounts = dcounts_sum`: a branch, not yet spread out
+                row = dataclasses.replace(row, message=with_hint(row.message, held and branches_hint(name, held, g)))
             if held:
                 branches[i] = held
             g.rows[i] = dataclasses.replace(row, where=versions[i].where, several=written[name] > 1)
@@ -467,11 +471,7 @@ def grade_gradient(name, mine, e):
     if reason:
         return Row("gradient", "d" + name, "follows", reason, maxdiff), None
     held = held_branches(name, mine, e)
-    if held:
-        hint = (f"{name} feeds {len(readers)} steps ({', '.join(readers)}): this holds only the gradient through "
-                f"{' and '.join(held[0])}; add the branches with +=")
-    else:
-        hint = generic_hint(mine, e.local(name), scale, g.constants)
+    hint = branches_hint(name, held, g) if held else generic_hint(mine, e.local(name), scale, g.constants)
     return Row("gradient", "d" + name, "wrong", with_hint(value_problem(mine, g.truth[name]), hint), maxdiff), held
 
 
@@ -543,6 +543,20 @@ def held_branches(name, mine, e):
             if close(mine, total, scale) and not close(total, e.local(name), scale):
                 return subset, largest(mine - total)
     return None
+
+
+def branches_hint(name, held, g):
+    readers = g.readers[name]
+    return (f"{name} feeds {len(readers)} steps ({', '.join(readers)}): this holds only the gradient through "
+            f"{' and '.join(held[0])}; add the branches with +=")
+
+
+def broadcast(value, expected):
+    """value (a tensor of another shape) broadcast to expected's shape, in float64; None when it does not broadcast."""
+    try:
+        return torch.broadcast_to(as_float64(value), expected.shape)
+    except RuntimeError:
+        return None
 
 
 def is_are(names):

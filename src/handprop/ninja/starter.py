@@ -104,6 +104,8 @@ def starter_notebook(exercise):
     for i, (title, source) in enumerate(starter_sections(exercise)):
         first = f"{MARKER}{exercise.name}\n{IMPORTS}\n" if i == 0 else ""
         cells += [markdown_cell(f"## {title}"), code_cell(first + source)]
+    for i, cell in enumerate(cells):
+        cell["id"] = f"cell-{i}"
     return json.dumps({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                    "language": "python"}},
                        "nbformat": 4, "nbformat_minor": 5}, indent=1) + "\n"
