@@ -416,6 +416,10 @@ def check_gradients(exercise, versions, g):
     early = {i: unusable("gradient", "d" + v.name, v.value, g.truth[v.name])
              for i, v in enumerate(versions) if v.name in g.truth}
     yours = {i: as_float64(v.value) for i, v in enumerate(versions) if early.get(i, True) is None}
+    for i, row in early.items():        # a wrong shape that broadcasts is what later lines computed with
+        spread = broadcast(versions[i].value, g.truth[versions[i].name]) if row and row.shape else None
+        if spread is not None:
+            yours[i] = spread
 
     @functools.cache
     def evidence(context):
@@ -435,8 +439,8 @@ def check_gradients(exercise, versions, g):
             e = evidence(tuple(sorted(versions[i].context.items())))
             if not row:
                 row, held = grade_gradient(name, yours[i], e)
-            elif row.shape and (spread := broadcast(versions[i].value, g.truth[name])) is not None:
-                held = held_branches(name, spread, e)      # `dcounts = dcounts_sum`: a branch, not yet spread out
+            elif i in yours:
+                held = held_branches(name, yours[i], e)    # `dcounts = dcounts_sum`: a branch, not yet spread out
                 row = dataclasses.replace(row, message=with_hint(row.message, held and branches_hint(name, held, g)))
             if held:
                 branches[i] = held
