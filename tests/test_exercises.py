@@ -190,20 +190,21 @@ def test_each_pitfall_is_wrong_on_its_row_with_its_hint(name, index, tmp_path):
     known = exercise.pitfalls[index]
     statements = last_version(exercise, known.gradient)
     assert statements, f"the solution never writes d{known.gradient}"
-    last = statements[-1]
-    slip = known.slip.rstrip("\n")
-    code = replace_lines(exercise.solution_code, {(s.lineno, s.end_lineno): "" for s in statements[:-1]}
-                         | {(last.lineno, last.end_lineno): ""})
-    # the slip takes the place of the version's last statement, where everything it reads is computed
-    lines = code.splitlines()
-    lines[last.lineno - 1: last.lineno - 1] = slip.splitlines()
+    last, slip = statements[-1], known.slip.rstrip("\n").splitlines()
+    if all(writes(s, exercise) == {known.gradient} for s in statements):
+        # the slip replaces the version's lines, in the place of its last one, where everything it reads is computed
+        lines = replace_lines(exercise.solution_code, {(s.lineno, s.end_lineno): "" for s in statements}).splitlines()
+        at = last.lineno - 1
+    else:   # lines that also write other gradients (a loop through time) stay: the slip comes after them
+        lines, at = exercise.solution_code.splitlines(), last.end_lineno
+    lines[at:at] = slip
     code = "\n".join(lines) + "\n"
     path = tmp_path / "slip.py"
     path.write_text(script(exercise, code))
     result = quiet_grade(path)
     assert not result.ok
-    at = first_line(exercise, code) + last.lineno - 1
-    row = row_at(result, "d" + known.gradient, range(at, at + len(slip.splitlines())))
+    first = first_line(exercise, code) + at
+    row = row_at(result, "d" + known.gradient, range(first, first + len(slip)))
     assert row is not None and row.status == "wrong", (row, result.table())
     assert known.hint in row.message
     before = result.rows[: result.rows.index(row)]

@@ -144,9 +144,10 @@ def grade_script(path, file=None, exercise=None, timeout=None):
     if name is not None and name not in EXERCISES:
         raise UserError(f"{path}'s marker line names the exercise {name!r}, which handprop does not have "
                         f"({', '.join(EXERCISES)}; see handprop exercise list)")
+    watched = {"d" + g: g for g in EXERCISES[name].gradients} if name else None    # None: every exercise's
     crash = None
     try:
-        namespace, versions = run_learner(path, timeout=timeout)
+        namespace, versions = run_learner(path, watched, timeout)
     except LearnerCrashed as e:
         crash, namespace, versions = e, e.namespace, e.versions
     chosen = EXERCISES[name] if name else detected(namespace)
