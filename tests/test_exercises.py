@@ -41,6 +41,17 @@ EQUIVALENT = {
             "a (64,) row broadcasts over the batch exactly as a (1, 64) one does"
         for reduction in ("dhpreact.sum(0, keepdim=True)", "(dhpreact * bnraw).sum(0, keepdim=True)")
     },
+    "wavenet": {
+        ("dhprebn_1 = bngain_1 * bnvar_inv_1 / n1 * (", f"keepdim changed in {reduction}"):
+            "a (16,) row broadcasts over (B, T, 16) exactly as a (1, 1, 16) one does"
+        for reduction in ("dhpreact_1.sum((0, 1), keepdim=True)", "(dhpreact_1 * bnraw_1).sum((0, 1), keepdim=True)")
+    },
+    "attention": {
+        (line, kind): "dscore_maxes is zero up to rounding: the softmax does not change when a row is shifted"
+        for line in ("dscore_maxes = -dnorm_scores.sum(-1, keepdim=True)",
+                     "dscores_masked += F.one_hot(scores_masked.argmax(-1), T) * dscore_maxes")
+        for kind in ("negated", "scaled by 1.5")
+    },
 }
 
 REDUCTIONS = {"sum", "mean", "max", "min", "amax", "amin", "prod", "var", "std", "logsumexp", "norm"}

@@ -200,7 +200,8 @@ def grade_versions(exercise, namespace, versions, file=None, crash=""):
     tensors, constants = learner_inputs(exercise, namespace), learner_constants(exercise, namespace)
     steps = exercise.steps()
     values, forward_rows = check_forward(exercise, namespace, tensors, constants, steps)
-    gradient_rows = check_gradients(exercise, versions, Grading(exercise, values, constants, steps, forward_rows))
+    gradient_rows = check_gradients(exercise, versions, Grading(exercise, values, constants, steps, forward_rows,
+                                                                bool(crash)))
     result = GradeResult(forward_rows + gradient_rows, crash)
     print(result.table(), file=file or sys.stdout)
     return result
@@ -316,10 +317,18 @@ def check_forward(exercise, namespace, tensors, constants, steps):
         early = unusable("forward", name, value, expected)
         yours = None if early else as_float64(value)
         known = [(wrong[name], hint) for wrong, hint in slips.get(name, [])]
+        if early and early.shape:       # a known slip of another shape: `.mean(0)` where the step reduces (0, 1)
+            hints = [hint for wrong_step, hint in known if matches(as_float64(value), wrong_step(values, constants))]
+            early = dataclasses.replace(early, message=with_hint(early.message, hints[0] if hints else None))
         rows.append(early or grade_forward(name, yours, expected, scale, values, constants, known))
         # later steps read the learner's value, so one slip is reported once, where it happens
         values[name] = yours if yours is not None and finite(yours) else expected
     return values, rows
+
+
+def matches(yours, slipped):
+    """yours is slipped, shape and values (within RTOL of the larger magnitude of the two)."""
+    return yours.shape == slipped.shape and close(yours, slipped, max(largest(yours), largest(slipped)))
 
 
 def grade_forward(name, yours, expected, scale, values, constants, slips):
@@ -348,8 +357,9 @@ def vjp(step, values, constants, dout):
 class Grading:
     """What every version is judged against: the forward values, autograd's gradients through them, the readers."""
 
-    def __init__(self, exercise, values, constants, steps, forward_rows):
+    def __init__(self, exercise, values, constants, steps, forward_rows, stopped=False):
         self.exercise, self.values, self.constants, self.steps = exercise, values, constants, steps
+        self.stopped = stopped      # the learner's code crashed: what it wrote last may be unfinished
         self.readers = {name: [out for out, step in steps.items() if name in step.inputs] for name in values}
         self.forward_wrong = [r.name for r in forward_rows if r.status == "wrong"]
         self.rows = {}              # version index -> its row, graded downstream first
@@ -440,18 +450,24 @@ def check_gradients(exercise, versions, g):
             e = evidence(tuple(sorted(versions[i].context.items())))
             if not row:
                 row, held = grade_gradient(name, yours[i], e)
-            elif i in yours:
-                held = held_branches(name, yours[i], e)    # `dcounts = dcounts_sum`: a branch, not yet spread out
-                row = dataclasses.replace(row, message=with_hint(row.message, held and branches_hint(name, held, g)))
+            elif row.shape:
+                held = held_branches(name, yours[i], e) if i in yours else None   # `dcounts = dcounts_sum`
+                hint = shaped_pitfall(name, as_float64(versions[i].value), e) or (held and branches_hint(name, held, g))
+                row = dataclasses.replace(row, message=with_hint(row.message, hint))
             if held:
                 branches[i] = held
             g.rows[i] = dataclasses.replace(row, where=versions[i].where, several=written[name] > 1)
         for i, (held, maxdiff) in branches.items():
-            if any(j > i and not set(held) & set(branches[j][0]) for j in branches):
+            through = f"the gradient through {' and '.join(held)}, one of the {len(g.readers[name])} steps {name} feeds"
+            others = [j for j in branches if not set(held) & set(branches[j][0])]     # versions of other branches
+            if any(j > i for j in others):
                 # the first branch of an assignment that a later `=` (meant as +=) overwrote: this line is right
+                g.rows[i] = dataclasses.replace(g.rows[i], status="ok", maxdiff=maxdiff, message=through)
+            elif (g.stopped and i == mine[-1] and not any(j < i for j in others)
+                  and g.rows[i].message.endswith(branches_hint(name, (held, maxdiff), g))):
+                # the code stopped before adding the other branches (and no `=` replaced them): not this line's fault
                 g.rows[i] = dataclasses.replace(g.rows[i], status="ok", maxdiff=maxdiff, message=(
-                    f"the gradient through {' and '.join(held)}, one of the {len(g.readers[name])} steps {name} "
-                    "feeds"))
+                    f"{through}, so far: your code stopped before the rest"))
         out += [g.rows[i] for i in mine]
     return out
 
@@ -468,8 +484,8 @@ def grade_gradient(name, mine, e):
     if not finite(mine):
         return Row("gradient", "d" + name, "wrong", value_problem(mine, g.truth[name]), maxdiff), None
     slip = pitfall(name, mine, e, scale)
-    if slip:
-        return Row("gradient", "d" + name, "wrong", slip, maxdiff), None
+    if slip:    # a slip that is one branch (`=` for `+=`) still clears the version that holds the others
+        return Row("gradient", "d" + name, "wrong", slip, maxdiff), held_branches(name, mine, e)
     if relative_maxdiff(maxdiff, scale) <= RTOL:
         return Row("gradient", "d" + name, "ok", "", maxdiff), None
     reason = follows_from(name, mine, e, scale)
@@ -502,6 +518,16 @@ def pitfall(name, mine, e, scale):
         times = to_right / to_slip if to_slip else math.inf
         return (f"matches {slip_formula(known.slip)} {times:.0f} times more closely than the right formula "
                 f"(maxdiff {to_slip:.1e} against {to_right:.1e}): {known.hint}")
+    return None
+
+
+def shaped_pitfall(name, mine, e):
+    """The hint of the pitfall whose slip has mine's (wrong) shape and its values; None when none has."""
+    scale = max([largest(e.g.truth[name])] + [largest(e.g.truth[out]) for out in e.g.readers[name]])
+    for known in (p for p in e.g.exercise.pitfalls if p.gradient == name):
+        slipped = e.g.code_value(known.slip, name, e.used)
+        if slipped is not None and slipped.shape == mine.shape and close(mine, slipped, max(scale, largest(slipped))):
+            return known.hint
     return None
 
 
