@@ -122,6 +122,17 @@ def test_a_crash_grades_every_row_before_it_and_points_at_the_first_wrong_shape(
                                  f"(line {line_of(slip, path)}), which likely caused it: fix that first")
 
 
+def test_a_crash_does_not_blame_the_gradient_it_stopped_adding_to(tmp_path):
+    path = broken(tmp_path, "dcounts_sum = -(counts_sum**-2) * dcounts_sum_inv",
+                  "dcounts_sum = -(counts_sum**-2) * dcounts_sum_iv")
+    result = grade_script(path, io.StringIO())
+    assert result.crash.startswith(f"{path} line {line_of('dcounts_sum_iv', path)} raised NameError")
+    assert result["dcounts"].status == "ok"
+    assert result["dcounts"].message == ("the gradient through probs, one of the 2 steps counts feeds, so far: your "
+                                         "code stopped before the rest")
+    assert not result.wrong
+
+
 def test_a_name_error_grades_what_ran_before_it(tmp_path, capsys):
     path = broken(tmp_path, "dh = dlogits @ W2.T", "dh = dlogits @ W3.T")
     assert main(["grade", str(path)]) == 1
