@@ -56,7 +56,7 @@ class Exercise:
 
     def steps(self):
         """The forward as an ordered {name: Step}, one per line of forward_code."""
-        return dict(parse_forward(self.forward_code, self.constants))
+        return parse_forward(self.forward_code, self.constants)
 
     def inputs(self):
         """The tensors the forward reads but does not compute (the parameters and the data), in order of first use."""
@@ -76,9 +76,13 @@ class Step:
         return eval(self.code, {**MODULES, **constants}, {name: values[name] for name in self.inputs})
 
 
-@functools.cache     # the grader asks for the steps many times; parsed once, each caller gets its own dict
 def parse_forward(source, constants=()):
     """{name: Step} for each `name = expression` line of source, in order; inputs are the names read (not modules)."""
+    return dict(parsed_forward(source, tuple(constants)))     # each caller gets its own dict
+
+
+@functools.cache        # the grader asks for the steps many times: each source is parsed once
+def parsed_forward(source, constants):
     steps = {}
     for node in ast.parse(source).body:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
@@ -123,12 +127,12 @@ def reference_gradients(exercise, tensors, constants):
 def run_code(code, values, constants, title):
     """Execute code (a solution, a slip) with the forward's values and constants in scope; the namespace after it."""
     namespace = {**MODULES, **constants, **values}
-    exec(compiled(code, title), namespace)
+    exec(compiled_code(code, title), namespace)
     return namespace
 
 
 @functools.cache
-def compiled(code, title):
+def compiled_code(code, title):
     """code compiled once (the grader runs each slip and fused formula for many versions)."""
     return compile(code, title, "exec")
 
