@@ -222,6 +222,8 @@ def test_grade_globals_finds_the_exercise_by_its_names_and_grades_any_exercise(t
     with pytest.raises(handprop.errors.UserError, match=r"this looks like the toy exercise: grade\(globals\(\), "
                                                         r"exercise='toy'\)"):
         grade(namespace, io.StringIO(), "mlp")
+    with pytest.raises(handprop.errors.UserError, match=r"no exercise named 'toys': handprop has mlp, .*toy"):
+        grade(namespace, io.StringIO(), "toys")
 
 
 def test_exercise_list_has_a_line_per_exercise(capsys):

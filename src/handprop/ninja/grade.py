@@ -129,6 +129,8 @@ def grade(namespace, file=None, exercise=None):
     exercise: its name ('mlp', ...); by default the exercise whose tensors namespace defines. Inside a file that
     `handprop grade` runs, it grades without printing: handprop grade prints its own table of every version.
     """
+    if exercise is not None and exercise not in EXERCISES:
+        raise UserError(f"no exercise named {exercise!r}: handprop has {', '.join(EXERCISES)}")
     chosen = EXERCISES[exercise] if exercise else detected(namespace)
     quiet = file is None and RECORD in namespace
     return grade_versions(chosen, namespace, final_versions(chosen, namespace), io.StringIO() if quiet else file)
