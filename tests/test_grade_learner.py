@@ -203,7 +203,8 @@ def test_the_exercise_comes_from_the_marker_line_and_a_wrong_one_is_one_line(toy
     path.write_text(path.read_text().replace("# handprop exercise: toy", "# handprop exercise: nosuch"))
     assert main(["grade", str(path)]) == 2
     assert capsys.readouterr().err.startswith(f"handprop: error: {path}'s marker line names the exercise 'nosuch', "
-                                              "which handprop does not have (mlp, toy; see handprop exercise list)")
+                                              f"which handprop does not have ({', '.join(EXERCISES)}; see handprop "
+                                              "exercise list)")
     with pytest.raises(SystemExit, match="2"):
         main(["grade", str(path), "--exercise", "nosuch"])
     assert "invalid choice: 'nosuch'" in capsys.readouterr().err

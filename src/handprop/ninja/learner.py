@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .exercises import EXERCISES
 
 RECORD = "__handprop_record__"      # the recorder's name in the learner's namespace while the code runs
 MARKER = "# handprop exercise: "    # the line a starter or solution file begins with, naming its exercise
@@ -270,8 +271,6 @@ def marked_exercise(path):
 
 def all_gradients():
     """d<name> -> name for the gradients of every exercise."""
-    from .exercises import EXERCISES  # here, not at the top: the registry imports every exercise's module
-
     return {"d" + name: name for exercise in EXERCISES.values() for name in exercise.gradients}
 
 
