@@ -434,10 +434,12 @@ def check_gradients(exercise, versions, g):
         if spread is not None:
             yours[i] = spread
 
+    usable = {i for i, value in yours.items() if finite(value)}
+
     @functools.cache
     def evidence(context):
         """The evidence for versions computed from the versions in context, a sorted tuple of (name, index)."""
-        used = g.truth | {name: yours[i] for name, i in context if i in yours and finite(yours[i]) and name in g.truth}
+        used = g.truth | {name: yours[i] for name, i in context if i in usable and name in g.truth}
         return Evidence(g, used, dict(context))
 
     written = Counter(v.name for v in versions)

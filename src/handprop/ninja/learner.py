@@ -70,16 +70,12 @@ class Run:
     end: Statement = None
     value: object = None
     latest: object = None   # the learner's object itself, to notice rebinding
+    version: int = 0        # latest's in-place version counter when it was last recorded (tensors count writes)
     context: dict = field(default_factory=dict)
 
     def changed(self, value):
-        """Whether value differs from what this version last held (another object, or changed in place)."""
-        if value is not self.latest:
-            return True
-        if not isinstance(value, torch.Tensor):
-            return False
-        same = value.shape == self.value.shape and ((value == self.value) | (value.isnan() & self.value.isnan())).all()
-        return not bool(same)
+        """Whether value is not what this version last held: another object, or a tensor written in place since."""
+        return value is not self.latest or (isinstance(value, torch.Tensor) and value._version != self.version)
 
     def where(self):
         """Its lines, as a reader finds them: 'line 4', 'lines 2-4', 'cell 3, lines 2-4'."""
@@ -114,6 +110,7 @@ class Recorder:
                 i = self.current[variable] = len(self.runs) - 1
             run = self.runs[i]
             run.end, run.latest = statement, value
+            run.version = value._version if isinstance(value, torch.Tensor) else 0
             run.value = value.detach().clone() if isinstance(value, torch.Tensor) else value
             run.context = {self.watched[v]: j for v, j in self.current.items()}
 
@@ -121,8 +118,11 @@ class Recorder:
         return [Version(run.name, run.value, run.where(), run.context) for run in self.runs]
 
 
-def watched_reads(statement, watched):
-    """The watched names a statement reads; `dC += x` reads dC, `dC = x` does not."""
+def watched_reads(statement, watched, lines):
+    """The watched names a statement reads; `dC += x` reads dC, `dC = x` does not. lines: the chunk's source."""
+    words = set(re.findall(r"[A-Za-z_]\w*", "\n".join(lines[statement.lineno - 1: statement.end_lineno])))
+    if not words & watched.keys():      # most lines name no gradient: no need to walk their tree
+        return frozenset()
     read = {n.id for n in ast.walk(statement) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Store)}
     if isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
         read.add(statement.target.id)
@@ -134,7 +134,7 @@ BLOCKS = (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.Match, *([ast.TrySt
 LAST_IN_BLOCK = (ast.Break, ast.Continue, ast.Return, ast.Raise)    # nothing after them runs
 
 
-def instrumented(body, chunk, recorder):
+def instrumented(body, chunk, recorder, lines):
     """body with a recorder call after each statement, into the blocks of if/for/while/with/try/match."""
     out = []
     for statement in body:
@@ -142,16 +142,18 @@ def instrumented(body, chunk, recorder):
             for part in [statement, *getattr(statement, "handlers", []), *getattr(statement, "cases", [])]:
                 for name in ("body", "orelse", "finalbody"):
                     if getattr(part, name, None):
-                        setattr(part, name, instrumented(getattr(part, name), chunk, recorder))
+                        setattr(part, name, instrumented(getattr(part, name), chunk, recorder, lines))
             out.append(statement)
             continue
         out.append(statement)
         if isinstance(statement, LAST_IN_BLOCK):
             continue
-        reads = watched_reads(statement, recorder.watched)
+        reads = watched_reads(statement, recorder.watched, lines)
         recorder.statements.append(Statement(chunk, statement.lineno, statement.end_lineno, reads))
-        call = ast.Expr(ast.Call(ast.Name(RECORD, ast.Load()), [ast.Constant(len(recorder.statements) - 1)], []))
-        out.append(ast.copy_location(call, statement))
+        where = {"lineno": statement.lineno, "col_offset": 0}        # the call's own nodes, at the statement's line
+        call = ast.Call(ast.Name(RECORD, ast.Load(), **where), [ast.Constant(len(recorder.statements) - 1, **where)],
+                        [], **where)
+        out.append(ast.Expr(call, **where))
     return out
 
 
@@ -165,8 +167,8 @@ def compiled(path, chunk, recorder):
         tree = ast.parse(chunk.source, filename(path, chunk))
     except SyntaxError as e:
         raise UserError(f"{filename(path, chunk)} line {e.lineno} is not valid Python: {e.msg}") from None
-    tree.body = instrumented(tree.body, chunk, recorder)
-    return compile(ast.fix_missing_locations(tree), filename(path, chunk), "exec")
+    tree.body = instrumented(tree.body, chunk, recorder, chunk.source.splitlines())
+    return compile(tree, filename(path, chunk), "exec")
 
 
 def notebook_chunks(path):
