@@ -119,13 +119,13 @@ dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), demb.view(-1, C.shape[1]))
 """
 
 FUSED = (
-    Fused("logits", "exercise 2: cross-entropy backward in one step", """\
+    Fused("logits", "exercise 2: cross-entropy in one step", """\
 # softmax(logits) - onehot(Yb), over n for the mean
 dlogits = F.softmax(logits, 1)
 dlogits[torch.arange(n), Yb] -= 1
 dlogits /= n
 """),
-    Fused("hprebn", "exercise 3: BatchNorm backward in one step", """\
+    Fused("hprebn", "exercise 3: BatchNorm in one step", """\
 # bnvar divides by n-1, hence the n/(n-1) of the last term
 dhprebn = bngain * bnvar_inv / n * (
     n * dhpreact - dhpreact.sum(0, keepdim=True) - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0, keepdim=True)
