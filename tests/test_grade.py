@@ -15,9 +15,12 @@ import torch
 
 from handprop.cli import main
 from handprop.errors import UserError
+from handprop.ninja.exercise import run_setup
+from handprop.ninja.exercises.mlp import EXERCISE as MLP
 from handprop.ninja.grade import grade, grade_script, shape_problem
 from handprop.ninja.learner import run_learner
-from handprop.ninja.lecture import GRADIENT_NAMES, lecture_setup
+
+GRADIENT_NAMES = MLP.gradients
 
 SOLUTION = Path(__file__).parent / "fixtures" / "ninja" / "solution.py"
 
@@ -258,7 +261,7 @@ def test_the_grader_needs_the_parameters_and_some_gradients(solution_names):
     without_W2 = {k: v for k, v in solution_names.items() if k != "W2"}
     with pytest.raises(UserError, match="W2"):
         quiet_grade(without_W2)
-    no_gradients = {k: v for k, v in lecture_setup().items()}
+    no_gradients = {k: v for k, v in run_setup(MLP, torch.float32)[0].items()}
     with pytest.raises(UserError, match="no gradients to grade"):
         quiet_grade(no_gradients)
 
@@ -322,8 +325,8 @@ def test_cli_grade_missing_or_crashing_script_is_one_line(tmp_path, capsys):
 
 def test_a_script_runs_as_if_started_by_python(tmp_path, capsys):
     """Its own folder is on sys.path (a sibling module imports) and sys.argv is [its path]; both restored after."""
-    (tmp_path / "ninja_sibling_helper.py").write_text("from handprop.ninja.lecture import lecture_setup\n")
-    source = SOLUTION.read_text().replace("from handprop.ninja.lecture import", "from ninja_sibling_helper import")
+    (tmp_path / "ninja_sibling_helper.py").write_text("from handprop.ninja.exercises.mlp import EXERCISE\n")
+    source = SOLUTION.read_text().replace("from handprop.ninja.exercises.mlp", "from ninja_sibling_helper")
     script = tmp_path / "solution.py"
     script.write_text("import sys\nseen_argv = list(sys.argv)\n" + source)
     path_before, argv_before, main_before = list(sys.path), list(sys.argv), sys.modules["__main__"]

@@ -83,10 +83,13 @@ def test_no_module_of_the_package_imports_itself_back():
     assert find_cycle(import_graph()) is None
 
 
-def test_the_grader_and_the_exercises_both_stand_on_the_lecture():
+def test_the_grader_and_the_exercises_both_stand_on_the_exercise_format():
     graph = import_graph()
-    assert "ninja.lecture" in graph["ninja.grade"] and "ninja.solutions" not in graph["ninja.grade"]
-    assert graph["ninja.lecture"] <= {"data", "models"}
+    assert "ninja.exercise" in graph["ninja.grade"] and "ninja.solutions" not in graph["ninja.grade"]
+    assert graph["ninja.exercise"] == set()
+    exercises = [m for m in graph if m.startswith("ninja.exercises.")]
+    assert "ninja.exercises.mlp" in exercises
+    assert all(graph[m] <= {"ninja.exercise", "data", "models", "layers"} for m in exercises)
 
 
 def reachable(graph, module):

@@ -18,8 +18,10 @@ from .distributed import RankLost, launched
 from .errors import UserError
 from .evaluation import evaluate, format_losses, make_run_splits
 from .gradcheck import check_layers
+from .ninja.exercises import EXERCISES
 from .ninja.grade import grade_script
 from .ninja.solutions import check_report
+from .ninja.starter import write_solution, write_starter
 from .sample import Sampling, stream_samples
 from .settings import DEFAULT_MODEL, PRESETS, Overrides, check_ranks, new_settings, recipe, resumed_settings
 from .stops import Interrupted
@@ -146,10 +148,28 @@ def build_parser():
                        "every layer)")
     c.set_defaults(run=run_check)
 
-    g = sub.add_parser("grade", help="run a learner's backprop-ninja script and grade the gradients it defines")
-    g.add_argument("solution", help="a Python script that leaves the lecture's names behind (C, W1, ..., Xb, Yb, "
-                   "dlogprobs, ..., dC)")
+    g = sub.add_parser("grade", help="run a learner's backprop-ninja script or notebook and grade the gradients it "
+                       "writes")
+    g.add_argument("solution", help="a Python script or Jupyter notebook that leaves the exercise's names behind "
+                   "(for mlp: C, W1, ..., Xb, Yb, dlogprobs, ..., dC)")
+    g.add_argument("--exercise", choices=list(EXERCISES), metavar="NAME",
+                   help="the exercise it is (default: the one its marker line names, else the one whose names it "
+                        "defines; see handprop exercise list)")
+    g.add_argument("--timeout", type=bounded(float, 1, 86400), default=120.0, metavar="S",
+                   help="stop a file that runs longer than this many seconds (default 120)")
     g.set_defaults(run=run_grade)
+
+    x = sub.add_parser("exercise", help="backprop-ninja exercises: list them, start one, or write its worked solution")
+    actions = x.add_subparsers(dest="action", required=True, metavar="{list,start,solution}")
+    actions.add_parser("list", help="one line per exercise: its name, then what it covers").set_defaults(
+        run=run_exercise_list)
+    for action, what, run in (("start", "a starter: a notebook (.ipynb) or a script (.py) with a blank for every "
+                                        "gradient", run_exercise_start),
+                              ("solution", "handprop's worked solution, a script (.py)", run_exercise_solution)):
+        a = actions.add_parser(action, help=f"write {what}")
+        a.add_argument("name", choices=list(EXERCISES), metavar="NAME", help="the exercise (handprop exercise list)")
+        a.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write; never overwritten")
+        a.set_defaults(run=run)
 
     d = sub.add_parser("diagnose", help="figures and report.html of a run trained with --diagnostics")
     d.add_argument("-o", "--work-dir", default="out", help="the run's directory, where they are written (default out)")
@@ -267,7 +287,23 @@ def run_check(args):
 
 
 def run_grade(args):
-    return 0 if grade_script(args.solution).ok else 1
+    return 0 if grade_script(args.solution, exercise=args.exercise, timeout=args.timeout).ok else 1
+
+
+def run_exercise_list(args):
+    width = max(len(name) for name in EXERCISES)
+    for name, exercise in EXERCISES.items():
+        print(f"{name:{width}s}  {exercise.summary}")
+
+
+def run_exercise_start(args):
+    write_starter(EXERCISES[args.name], args.output)
+    print(f"wrote {args.output}: fill in every TODO, then handprop grade {args.output}")
+
+
+def run_exercise_solution(args):
+    write_solution(EXERCISES[args.name], args.output)
+    print(f"wrote {args.output}: handprop grade {args.output} grades it")
 
 
 def main(argv=None):

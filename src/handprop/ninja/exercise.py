@@ -8,6 +8,7 @@ tensors it reads, so the text the starter shows and the steps the grader checks 
 """
 
 import ast
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -57,6 +58,11 @@ class Exercise:
         """The forward as an ordered {name: Step}, one per line of forward_code."""
         return parse_forward(self.forward_code, self.constants)
 
+    def inputs(self):
+        """The tensors the forward reads but does not compute (the parameters and the data), in order of first use."""
+        steps = self.steps()
+        return tuple(dict.fromkeys(n for step in steps.values() for n in step.inputs if n not in steps))
+
 
 @dataclass(frozen=True)
 class Step:
@@ -72,6 +78,11 @@ class Step:
 
 def parse_forward(source, constants=()):
     """{name: Step} for each `name = expression` line of source, in order; inputs are the names read (not modules)."""
+    return dict(parsed_forward(source, tuple(constants)))     # each caller gets its own dict
+
+
+@functools.cache        # the grader asks for the steps many times: each source is parsed once
+def parsed_forward(source, constants):
     steps = {}
     for node in ast.parse(source).body:
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
@@ -116,8 +127,14 @@ def reference_gradients(exercise, tensors, constants):
 def run_code(code, values, constants, title):
     """Execute code (a solution, a slip) with the forward's values and constants in scope; the namespace after it."""
     namespace = {**MODULES, **constants, **values}
-    exec(compile(code, title, "exec"), namespace)
+    exec(compiled_code(code, title), namespace)
     return namespace
+
+
+@functools.cache
+def compiled_code(code, title):
+    """code compiled once (the grader runs each slip and fused formula for many versions)."""
+    return compile(code, title, "exec")
 
 
 def check_solution(exercise, dtype=torch.float64):

@@ -1,4 +1,4 @@
-"""Grade a learner's backprop-ninja work: find their tensors by the lecture's names, say what is wrong.
+"""Grade a learner's backprop-ninja work on any exercise: find their tensors by the exercise's names, say what is wrong.
 
 The learner's forward is checked one step at a time: each intermediate they defined is
 recomputed from *their* inputs to that step, so a slip is reported once, where it happens.
@@ -7,10 +7,14 @@ their values (in float64). A gradient that is wrong only because a gradient it w
 from is wrong "follows"; the row to fix is the one marked wrong. `handprop grade` runs a
 script and grades every version of a gradient the script wrote (learner.py), each against
 the versions it was computed from; grade(globals()) in a notebook sees the final values only.
+What is known to go wrong (an exercise's pitfalls and forward slips) is data in the exercise;
+the detectors here (shape, transpose, constant factor, a missing branch, all zeros) know no exercise.
 """
 
 import dataclasses
 import functools
+import io
+import itertools
 import math
 import sys
 from collections import Counter
@@ -20,17 +24,13 @@ import torch
 
 from ..errors import UserError
 from ..gradcheck import relative_maxdiff
-from .learner import Version, run_learner
-from .lecture import (
-    GRADIENT_NAMES,
-    PARAMETER_NAMES,
-    batchnorm_backward,
-    cross_entropy_backward,
-    forward_steps,
-    inputs_of,
-)
+from .exercise import parse_forward, run_code, run_setup
+from .exercises import EXERCISES
+from .learner import RECORD, LearnerCrashed, Version, marked_exercise, run_learner
 
-RTOL = 1e-5     # right when maxdiff <= RTOL * the largest magnitude among the expected value and its step's inputs
+RTOL = 1e-5             # right when maxdiff <= RTOL * the largest magnitude of the expected value and its step's inputs
+NEAR_MISS_RATIO = 10    # a pitfall is named when yours is this many times closer to its slip than to the right formula
+MOST_BRANCHES = 8       # a tensor read by more steps than this is not searched for a missing branch (2^n subsets)
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Row:
     maxdiff: float | None   # max |yours - expected|; None when there was nothing to compare
     where: str = ""         # the lines of the learner's script that wrote this version ('' when unknown)
     several: bool = False   # the script wrote more than one version of this gradient
+    shape: bool = False     # wrong because its shape is
 
     @property
     def label(self):
@@ -52,11 +53,13 @@ class Row:
 @dataclass(frozen=True)
 class GradeResult:
     rows: list
+    crash: str = ""         # the learner's code raised: the error and its trimmed traceback ('' when it ran through)
 
     @property
     def ok(self):
-        """True when nothing that was defined is wrong (missing names do not fail)."""
-        return all(r.status in ("ok", "missing") for r in self.rows)
+        """True when the code ran through and something was graded, none of it wrong (missing does not fail)."""
+        graded = any(r.status != "missing" for r in self.rows if r.section == "gradient")
+        return not self.crash and graded and all(r.status in ("ok", "missing") for r in self.rows)
 
     @property
     def wrong(self):
@@ -76,8 +79,9 @@ class GradeResult:
         gradients = [r for r in self.rows if r.section == "gradient"]
         defined = [r for r in forward if r.status != "missing"]
         width = max([16] + [len(r.label) for r in self.rows])
-        lines = [f"forward pass: {sum(r.status == 'ok' for r in defined)} of the {len(defined)} intermediates you "
-                 "defined match a recomputation from your inputs to their step"]
+        lines = [self.crash, "graded up to there:"] if self.crash else []
+        lines += [f"forward pass: {sum(r.status == 'ok' for r in defined)} of the {len(defined)} intermediates you "
+                  "defined match a recomputation from your inputs to their step"]
         lines += [format_row(r, width) for r in defined if r.status != "ok"]
         missing = [r.name for r in forward if r.status == "missing"]
         if missing:
@@ -88,9 +92,24 @@ class GradeResult:
         lines.append(
             f"forward: {sum(r.status == 'wrong' for r in forward)} wrong; gradients: "
             + ", ".join(f"{count} {status}" for status, count in counts.items() if count)
-            + (" -- all right" if self.ok else " -- fix the WRONG rows first")
+            + " -- " + self.verdict()
         )
         return "\n".join(lines)
+
+    def verdict(self):
+        """The summary's last words: all right, what to fix first, or that nothing is written yet."""
+        if self.crash:
+            shaped = [r for r in self.rows if r.shape]
+            if shaped:
+                where = f" ({shaped[0].where})" if shaped[0].where and not shaped[0].several else ""
+                return (f"your code stopped at the error above; the first wrong shape is {shaped[0].label}{where}, "
+                        "which likely caused it: fix that first")
+            return "your code stopped at the error above: fix it and grade again"
+        if self.ok:
+            return "all right"
+        if any(r.status != "ok" for r in self.rows if r.status != "missing"):
+            return "fix the WRONG rows first"
+        return "nothing written yet: write the gradients and grade again"
 
     def __repr__(self):
         return f"GradeResult(ok={self.ok}, wrong={self.wrong})"
@@ -102,33 +121,90 @@ def format_row(r, width=16):
     return f"  {r.label:{width}s} {status:8s} {maxdiff:16s} {r.message}".rstrip()
 
 
-def grade(namespace, file=None):
-    """Grade the forward and every d<name> defined in namespace (e.g. grade(globals())); print and return the result."""
-    return grade_versions(namespace, final_versions(namespace), file)
+# ---- which exercise, and the learner's tensors ----
+
+def grade(namespace, file=None, exercise=None):
+    """Grade the forward and every d<name> defined in namespace (e.g. grade(globals())); print and return the result.
+
+    exercise: its name ('mlp', ...); by default the exercise whose tensors namespace defines. Inside a file that
+    `handprop grade` runs, it grades without printing: handprop grade prints its own table of every version.
+    """
+    if exercise is not None and exercise not in EXERCISES:
+        raise UserError(f"no exercise named {exercise!r}: handprop has {', '.join(EXERCISES)}")
+    chosen = EXERCISES[exercise] if exercise else detected(namespace)
+    quiet = file is None and RECORD in namespace
+    return grade_versions(chosen, namespace, final_versions(chosen, namespace), io.StringIO() if quiet else file)
 
 
-def grade_script(path, file=None):
-    """Run a learner's script or notebook (learner.py) and grade every version of each gradient it wrote."""
-    namespace, versions = run_learner(path)
-    return grade_versions(namespace, versions, file)
+def grade_script(path, file=None, exercise=None, timeout=None):
+    """Run a learner's script or notebook (learner.py) and grade every version of each gradient it wrote.
+
+    The exercise is exercise (a name) if given, else the one the file's marker line names, else the one whose
+    tensors it defines. A crash grades what ran before it.
+    """
+    name = exercise or marked_exercise(path)
+    if name is not None and name not in EXERCISES:
+        raise UserError(f"{path}'s marker line names the exercise {name!r}, which handprop does not have "
+                        f"({', '.join(EXERCISES)}; see handprop exercise list)")
+    watched = {"d" + g: g for g in EXERCISES[name].gradients} if name else None    # None: every exercise's
+    crash = None
+    try:
+        namespace, versions = run_learner(path, watched, timeout)
+    except LearnerCrashed as e:
+        crash, namespace, versions = e, e.namespace, e.versions
+    chosen = EXERCISES[name] if name else detected(namespace)
+    if crash is not None and missing_inputs(chosen, namespace):
+        raise UserError(str(crash))                     # it stopped before there was anything to grade
+    check_inputs(chosen, namespace, f" in {path}", "--exercise {}")
+    header = f"{crash}\n{crash.traceback}" if crash is not None else ""
+    return grade_versions(chosen, namespace, versions, file, header)
 
 
-def final_versions(namespace):
+def detected(namespace):
+    """The exercise whose inputs namespace defines, with the most gradients defined; mlp when none fits."""
+    fitting = [e for e in EXERCISES.values() if not missing_inputs(e, namespace)]
+    if not fitting:
+        return EXERCISES["mlp"]
+    return max(fitting, key=lambda e: sum(namespace.get("d" + name) is not None for name in e.gradients))
+
+
+def missing_inputs(exercise, namespace):
+    """The exercise's parameters and data that namespace does not define."""
+    return [name for name in exercise.inputs() if name not in namespace]
+
+
+def check_inputs(exercise, namespace, where="", how="grade(globals(), exercise={!r})"):
+    """One UserError line when namespace lacks the exercise's inputs, naming the exercise it looks like instead."""
+    missing = missing_inputs(exercise, namespace)
+    if not missing:
+        return
+    other = [e.name for e in EXERCISES.values() if e is not exercise and not missing_inputs(e, namespace)]
+    looks = f"; this looks like the {other[0]} exercise: {how.format(other[0])}" if other else ""
+    raise UserError(f"cannot grade without {', '.join(missing)}{where} (the {exercise.name} exercise's names for its "
+                    f"parameters and data){looks}")
+
+
+def final_versions(exercise, namespace):
     """One version per gradient namespace defines: its final value, taken as computed from the others' final values."""
-    defined = [name for name in GRADIENT_NAMES if namespace.get("d" + name) is not None]
+    defined = [name for name in exercise.gradients if namespace.get("d" + name) is not None]
     context = {name: i for i, name in enumerate(defined)}
     return [Version(name, namespace["d" + name], "", context) for name in defined]
 
 
-def grade_versions(namespace, versions, file=None):
+def grade_versions(exercise, namespace, versions, file=None, crash=""):
     """Grade the forward in namespace and the versions of the gradients; print and return the result."""
-    tensors = learner_inputs(namespace)
-    steps = forward_steps(tensors["Xb"].shape[0])
-    values, forward_rows = check_forward(namespace, tensors, steps)
-    gradient_rows = check_gradients(versions, values, steps, forward_rows)
-    if all(r.status == "missing" for r in gradient_rows):
-        raise UserError("no gradients to grade: define them by the lecture's names (dlogprobs, dprobs, ..., dC)")
-    result = GradeResult(forward_rows + gradient_rows)
+    check_inputs(exercise, namespace)
+    written = any(("d" + name) in namespace for name in exercise.gradients) or any(
+        v.name in exercise.gradients for v in versions)
+    if not (written or crash):
+        raise UserError(f"no gradients to grade: define them by the exercise's names "
+                        f"(d{exercise.gradients[0]}, d{exercise.gradients[1]}, ..., d{exercise.gradients[-1]})")
+    tensors, constants = learner_inputs(exercise, namespace), learner_constants(exercise, namespace)
+    steps = exercise.steps()
+    values, forward_rows = check_forward(exercise, namespace, tensors, constants, steps)
+    gradient_rows = check_gradients(exercise, versions, Grading(exercise, values, constants, steps, forward_rows,
+                                                                bool(crash)))
+    result = GradeResult(forward_rows + gradient_rows, crash)
     print(result.table(), file=file or sys.stdout)
     return result
 
@@ -138,24 +214,26 @@ def as_float64(value):
     return value.detach().to("cpu", torch.float64, copy=True).contiguous()
 
 
-def learner_inputs(namespace):
-    """The learner's parameters (float64 copies) and batch, checked to be tensors of sensible types."""
-    missing = [name for name in PARAMETER_NAMES + ("Xb", "Yb") if name not in namespace]
-    if missing:
-        raise UserError(
-            f"cannot grade without {', '.join(missing)} (the lecture's names for the parameters and the batch)"
-        )
-    for name in PARAMETER_NAMES + ("Xb", "Yb"):
-        if not isinstance(namespace[name], torch.Tensor):
-            raise UserError(f"{name} is a {type(namespace[name]).__name__}, not a torch tensor")
-    tensors = {name: as_float64(namespace[name]) for name in PARAMETER_NAMES}
-    Xb, Yb = namespace["Xb"].detach().cpu(), namespace["Yb"].detach().cpu()
-    if Xb.is_floating_point() or Yb.is_floating_point() or Xb.ndim != 2 or Yb.shape != (Xb.shape[0],):
-        raise UserError(
-            "Xb and Yb must be integer tensors of shapes (n, block_size) and (n,), "
-            f"got {tuple(Xb.shape)} {Xb.dtype} and {tuple(Yb.shape)} {Yb.dtype}"
-        )
-    return {**tensors, "Xb": Xb, "Yb": Yb}
+def learner_inputs(exercise, namespace):
+    """The learner's parameters and data: float64 copies of the floating ones, each checked to be a tensor."""
+    tensors = {}
+    for name in exercise.inputs():
+        value = namespace[name]
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{name} is a {type(value).__name__}, not a torch tensor")
+        tensors[name] = as_float64(value) if value.is_floating_point() else value.detach().cpu()
+    return tensors
+
+
+def learner_constants(exercise, namespace):
+    """The exercise's plain numbers (n, ...): the learner's where they define them as numbers, else the setup's."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    given = {name: namespace[name] for name in exercise.constants if number(namespace.get(name))}
+    if len(given) == len(exercise.constants):
+        return given
+    return run_setup(exercise)[1] | given
 
 
 def largest(t):
@@ -210,7 +288,7 @@ def unusable(section, name, value, expected):
     if not isinstance(value, torch.Tensor):
         return Row(section, name, "wrong", f"is a {type(value).__name__}, not a torch tensor", None)
     problem = shape_problem(as_float64(value), expected)
-    return Row(section, name, "wrong", problem, None) if problem else None
+    return Row(section, name, "wrong", problem, None, shape=True) if problem else None
 
 
 def finite(t):
@@ -223,221 +301,311 @@ def with_hint(problem, hint):
 
 # ---- the forward pass ----
 
-FORWARD_SLIPS = {   # known wrong versions of a step, and what to say when the learner's value matches one
-    "bnraw": [(
-        lambda hprebn, bnmeani, bnvar_inv: hprebn - bnmeani * bnvar_inv,
-        "this is hprebn - bnmeani * bnvar_inv: operator precedence, the subtraction comes first: "
-        "(hprebn - bnmeani) * bnvar_inv",
-    )],
-    "bnvar": [(
-        lambda bndiff2: bndiff2.mean(0, keepdim=True),
-        "this divides by n (the biased variance); the lecture's BatchNorm divides by n-1 (Bessel's correction)",
-    )],
-}
-
-
-def check_forward(namespace, tensors, steps):
+def check_forward(exercise, namespace, tensors, constants, steps):
     """Every intermediate recomputed from the learner's own inputs to its step: the values to go on with, and rows."""
+    slips = {}
+    for slip in exercise.forward_slips:
+        slips.setdefault(slip.name, []).append((parse_forward(f"{slip.name} = {slip.slip}", exercise.constants),
+                                                slip.hint))
     values, rows = dict(tensors), []
     for name, step in steps.items():
-        args = [values[arg] for arg in inputs_of(step)]
         try:
-            expected = step(*args)
-        except (RuntimeError, IndexError) as e:
+            expected = step(values, constants)
+        except (RuntimeError, IndexError, TypeError, ValueError) as e:
             raise UserError(f"cannot recompute {name} from your tensors: {str(e).splitlines()[0]}") from None
+        args = [values[arg] for arg in step.inputs]
         scale = max([largest(expected)] + [largest(a) for a in args if a.is_floating_point()])
         value = namespace.get(name)
         early = unusable("forward", name, value, expected)
         yours = None if early else as_float64(value)
-        rows.append(early or grade_forward(name, yours, expected, scale, values))
+        known = [(wrong[name], hint) for wrong, hint in slips.get(name, [])]
+        if early and early.shape:       # a known slip of another shape: `.mean(0)` where the step reduces (0, 1)
+            hints = [hint for wrong_step, hint in known if matches(as_float64(value), wrong_step(values, constants))]
+            early = dataclasses.replace(early, message=with_hint(early.message, hints[0] if hints else None))
+        rows.append(early or grade_forward(name, yours, expected, scale, values, constants, known))
         # later steps read the learner's value, so one slip is reported once, where it happens
         values[name] = yours if yours is not None and finite(yours) else expected
     return values, rows
 
 
-def grade_forward(name, yours, expected, scale, values):
+def matches(yours, slipped):
+    """yours is slipped, shape and values (within RTOL of the larger magnitude of the two)."""
+    return yours.shape == slipped.shape and close(yours, slipped, max(largest(yours), largest(slipped)))
+
+
+def grade_forward(name, yours, expected, scale, values, constants, slips):
     """ok, or wrong with the known slip it matches."""
     maxdiff = largest(yours - expected)
     if finite(yours) and relative_maxdiff(maxdiff, scale) <= RTOL:
         return Row("forward", name, "ok", "", maxdiff)
-    slips = [
-        hint for wrong_step, hint in FORWARD_SLIPS.get(name, [])
-        if finite(yours) and close(yours, wrong_step(*(values[arg] for arg in inputs_of(wrong_step))), scale)
-    ]
-    hint = slips[0] if slips else None
-    return Row("forward", name, "wrong", with_hint(value_problem(yours, expected), hint), maxdiff)
+    hints = [hint for wrong_step, hint in slips if finite(yours) and close(yours, wrong_step(values, constants), scale)]
+    return Row("forward", name, "wrong", with_hint(value_problem(yours, expected), hints[0] if hints else None),
+               maxdiff)
 
 
 # ---- the gradients ----
 
-def vjp(step, values, dout):
+def vjp(step, values, constants, dout):
     """Autograd's gradients of one forward step with respect to its float inputs, for the upstream gradient dout."""
-    leaves = {arg: values[arg].detach().requires_grad_() for arg in inputs_of(step) if values[arg].is_floating_point()}
+    leaves = {arg: values[arg].detach().requires_grad_() for arg in step.inputs if values[arg].is_floating_point()}
     with torch.enable_grad():
-        out = step(*(leaves.get(arg, values[arg]) for arg in inputs_of(step)))
-        grads = torch.autograd.grad(out, list(leaves.values()), dout)
+        out = step(values | leaves, constants)
+        if not out.requires_grad:           # read only through something without a gradient (an index, a mask)
+            return {arg: torch.zeros_like(leaf) for arg, leaf in leaves.items()}
+        grads = torch.autograd.grad(out, list(leaves.values()), dout, allow_unused=True, materialize_grads=True)
     return dict(zip(leaves, grads, strict=True))
 
 
-def backprop(values, steps, upstream):
-    """Each tensor's gradient summed over the steps that read it, step `name` fed upstream(name, grads)."""
-    grads = {"loss": torch.ones((), dtype=torch.float64)}
-    for name, step in reversed(steps.items()):
-        for arg, g in vjp(step, values, upstream(name, grads)).items():
-            grads[arg] = grads[arg] + g if arg in grads else g
-    return grads
+class Grading:
+    """What every version is judged against: the forward values, autograd's gradients through them, the readers."""
+
+    def __init__(self, exercise, values, constants, steps, forward_rows, stopped=False):
+        self.exercise, self.values, self.constants, self.steps = exercise, values, constants, steps
+        self.stopped = stopped      # the learner's code crashed: what it wrote last may be unfinished
+        self.readers = {name: [out for out, step in steps.items() if name in step.inputs] for name in values}
+        self.forward_wrong = [r.name for r in forward_rows if r.status == "wrong"]
+        self.rows = {}              # version index -> its row, graded downstream first
+        self.vjps = {}              # (step, id(dout)) -> (dout, its vjp): dout kept so its id stays its own
+        self.truth = {"loss": torch.ones((), dtype=torch.float64)}
+        for name in reversed(steps):
+            for arg, g in self.vjp(name, self.truth[name]).items():
+                self.truth[arg] = self.truth[arg] + g if arg in self.truth else g
+
+    def vjp(self, step, dout):
+        """The step's vjp for dout, computed once per (step, dout)."""
+        key = (step, id(dout))
+        if key not in self.vjps:
+            self.vjps[key] = (dout, vjp(self.steps[step], self.values, self.constants, dout))
+        return self.vjps[key][1]
+
+    def code_value(self, code, gradient, used):
+        """d<gradient> as code (a slip, a one-step formula) computes it from the forward values and the gradients
+        used; None when the code fails on them."""
+        scope = self.values | {"d" + name: g.clone() for name, g in used.items()}
+        try:
+            value = run_code(code, scope, self.constants, f"<{self.exercise.name}: d{gradient}>").get("d" + gradient)
+        except Exception:       # a slip written for other shapes than the learner's
+            return None
+        return as_float64(value) if isinstance(value, torch.Tensor) else None
 
 
-FUSED = {   # exercises 2 and 3: the one-step formulas, evaluated on the learner's values
-    "logits": lambda values, used: cross_entropy_backward(values["logits"], values["Yb"]),
-    "hprebn": lambda values, used: batchnorm_backward(
-        used["hpreact"], values["bngain"], values["bnvar_inv"], values["bnraw"]
-    ),
-}
-
-
-@dataclass(frozen=True)
 class Evidence:
-    """What a version of a gradient is judged against: the forward, and the gradients it was computed from."""
+    """A version of a gradient is judged against the gradients it was computed from (used) and what they imply."""
 
-    values: dict            # the forward values (the learner's, where usable)
-    truth: dict             # autograd's gradients through those values
-    used: dict              # the versions it was computed from where usable, else the truth
-    local: dict             # each gradient as those versions one step downstream make it
-    implied: dict           # ... and two steps downstream (grade(globals()) sees exercise 3's dhprebn only,
-                            #     not exercise 1's that dembcat came from)
-    readers: dict           # name -> the steps that read it
-    context: dict           # name -> index of the version it was computed from
-    rows: dict              # version index -> its row, graded downstream first
-    forward_wrong: list     # intermediates the forward check found wrong
+    def __init__(self, grading, used, context):
+        self.g = grading
+        self.used = used            # the versions it was computed from where usable, else the truth
+        self.context = context      # name -> index of the version it was computed from
+        self.locals, self.implieds = {}, {}
+
+    def branch(self, name, reader):
+        """The gradient of name through one step that reads it, from the upstream gradient used for that step."""
+        return self.g.vjp(reader, self.used[reader])[name]
+
+    def local(self, name):
+        """name's gradient as the versions one step downstream make it."""
+        if name not in self.locals:
+            readers = self.g.readers[name]
+            self.locals[name] = sum(self.branch(name, r) for r in readers) if readers else self.g.truth[name]
+        return self.locals[name]
+
+    def implied(self, name):
+        """... and as two steps downstream make it (grade(globals()) sees exercise 3's dhprebn only, not exercise 1's
+        that dembcat came from)."""
+        if name not in self.implieds:
+            readers = self.g.readers[name]
+            self.implieds[name] = sum(self.g.vjp(r, self.local(r))[name] for r in readers) if readers \
+                else self.g.truth[name]
+        return self.implieds[name]
+
+    def off(self, names):
+        """The labels of the versions of these gradients that were computed from, used, and are not right."""
+        rows = [self.g.rows.get(self.context.get(n)) for n in names if self.used[n] is not self.g.truth[n]]
+        return list(dict.fromkeys(row.label for row in rows if row is not None and row.status != "ok"))
 
 
-def check_gradients(versions, values, steps, forward_rows):
-    """One row per version of each gradient of exercise 1 (dlogits and dhprebn also cover exercises 2 and 3)."""
-    truth = backprop(values, steps, lambda name, grads: grads[name])
-    readers = {name: [out for out, step in steps.items() if name in inputs_of(step)] for name in truth}
-    forward_wrong = [r.name for r in forward_rows if r.status == "wrong"]
-    early = {i: unusable("gradient", "d" + v.name, v.value, truth[v.name]) for i, v in enumerate(versions)}
-    yours = {i: as_float64(v.value) for i, v in enumerate(versions) if early[i] is None}
-    rows = {}
+def check_gradients(exercise, versions, g):
+    """One row per version of each gradient (a fused formula's version of a gradient is one of them)."""
+    early = {i: unusable("gradient", "d" + v.name, v.value, g.truth[v.name])
+             for i, v in enumerate(versions) if v.name in g.truth}
+    yours = {i: as_float64(v.value) for i, v in enumerate(versions) if early.get(i, True) is None}
+    for i, row in early.items():        # a wrong shape that broadcasts is what later lines computed with
+        spread = broadcast(versions[i].value, g.truth[versions[i].name]) if row and row.shape else None
+        if spread is not None:
+            yours[i] = spread
+
+    usable = {i for i, value in yours.items() if finite(value)}
 
     @functools.cache
     def evidence(context):
         """The evidence for versions computed from the versions in context, a sorted tuple of (name, index)."""
-        used = truth | {name: yours[i] for name, i in context if i in yours and finite(yours[i])}
-        local = backprop(values, steps, lambda name, grads: used[name])
-        implied = backprop(values, steps, lambda name, grads: local[name])
-        return Evidence(values, truth, used, local, implied, readers, dict(context), rows, forward_wrong)
+        used = g.truth | {name: yours[i] for name, i in context if i in usable and name in g.truth}
+        return Evidence(g, used, dict(context))
 
     written = Counter(v.name for v in versions)
     out = []
-    for name in GRADIENT_NAMES:      # the lecture's order visits every tensor after the tensors that read it
+    for name in exercise.gradients:      # from the loss backwards: every tensor after the tensors that read it
         if not written[name]:
             out.append(Row("gradient", "d" + name, "missing", "not defined", None))
-        for i in (i for i, v in enumerate(versions) if v.name == name):      # in the order they were written
-            row = early[i] or grade_gradient(name, yours[i], evidence(tuple(sorted(versions[i].context.items()))))
-            rows[i] = dataclasses.replace(row, where=versions[i].where, several=written[name] > 1)
-            out.append(rows[i])
+        mine = [i for i, v in enumerate(versions) if v.name == name]        # in the order they were written
+        branches = {}       # version index -> (the steps whose branches it holds, maxdiff to their sum) if partial
+        for i in mine:
+            row, held = early[i], None
+            e = evidence(tuple(sorted(versions[i].context.items())))
+            if not row:
+                row, held = grade_gradient(name, yours[i], e)
+            elif row.shape:
+                held = held_branches(name, yours[i], e) if i in yours else None   # `dcounts = dcounts_sum`
+                hint = shaped_pitfall(name, as_float64(versions[i].value), e) or (held and branches_hint(name, held, g))
+                row = dataclasses.replace(row, message=with_hint(row.message, hint))
+            if held:
+                branches[i] = held
+            g.rows[i] = dataclasses.replace(row, where=versions[i].where, several=written[name] > 1)
+        for i, (held, maxdiff) in branches.items():
+            through = f"the gradient through {' and '.join(held)}, one of the {len(g.readers[name])} steps {name} feeds"
+            others = [j for j in branches if not set(held) & set(branches[j][0])]     # versions of other branches
+            if any(j > i for j in others):
+                # the first branch of an assignment that a later `=` (meant as +=) overwrote: this line is right
+                g.rows[i] = dataclasses.replace(g.rows[i], status="ok", maxdiff=maxdiff, message=through)
+            elif (g.stopped and i == mine[-1] and not any(j < i for j in others)
+                  and g.rows[i].message.endswith(branches_hint(name, (held, maxdiff), g))):
+                # the code stopped before adding the other branches (and no `=` replaced them): not this line's fault
+                g.rows[i] = dataclasses.replace(g.rows[i], status="ok", maxdiff=maxdiff, message=(
+                    f"{through}, so far: your code stopped before the rest"))
+        out += [g.rows[i] for i in mine]
     return out
 
 
 def grade_gradient(name, mine, e):
-    """ok; follows (right for what it was computed from, which is wrong); or wrong, with the pitfall it matches."""
-    scale = max([largest(e.truth[name])] + [largest(e.truth[out]) for out in e.readers[name]])
-    maxdiff = largest(mine - e.truth[name])
-    slip = near_miss(name, mine, e) if finite(mine) else None
-    if slip:
-        return Row("gradient", "d" + name, "wrong", slip, maxdiff)
-    if finite(mine) and relative_maxdiff(maxdiff, scale) <= RTOL:
-        return Row("gradient", "d" + name, "ok", "", maxdiff)
-    reason = follows_from(name, mine, e, scale) if finite(mine) else None
+    """(row, (steps, maxdiff) when it is the gradient through only these of the steps reading name, else None).
+
+    ok; follows (right for what it was computed from, which is wrong); or wrong, with the pitfall it matches.
+    """
+    g = e.g
+    readers = g.readers[name]
+    scale = max([largest(g.truth[name])] + [largest(g.truth[out]) for out in readers])
+    maxdiff = largest(mine - g.truth[name])
+    if not finite(mine):
+        return Row("gradient", "d" + name, "wrong", value_problem(mine, g.truth[name]), maxdiff), None
+    slip = pitfall(name, mine, e, scale)
+    if slip:    # a slip that is one branch (`=` for `+=`) still clears the version that holds the others
+        return Row("gradient", "d" + name, "wrong", slip, maxdiff), held_branches(name, mine, e)
+    if relative_maxdiff(maxdiff, scale) <= RTOL:
+        return Row("gradient", "d" + name, "ok", "", maxdiff), None
+    reason = follows_from(name, mine, e, scale)
     if reason:
-        return Row("gradient", "d" + name, "follows", reason, maxdiff)
-    hint = gradient_hint(name, mine, e.local[name], e.values, e.used, scale) if finite(mine) else None
-    return Row("gradient", "d" + name, "wrong", with_hint(value_problem(mine, e.truth[name]), hint), maxdiff)
+        return Row("gradient", "d" + name, "follows", reason, maxdiff), None
+    held = held_branches(name, mine, e)
+    hint = branches_hint(name, held, g) if held else generic_hint(mine, e.local(name), scale, g.constants)
+    return Row("gradient", "d" + name, "wrong", with_hint(value_problem(mine, g.truth[name]), hint), maxdiff), held
 
 
-NEAR_MISSES = {     # slips too small for RTOL to see: (the slipped formula, in code and on the values, what to say)
-    "bnvar": (
-        "-0.5 * bnvar**-1.5 * dbnvar_inv (no eps)",
-        lambda values, used: -0.5 * values["bnvar"] ** -1.5 * used["bnvar_inv"],
-        "the eps of bnvar_inv = (bnvar + eps)**-0.5 belongs in the derivative too",
-    ),
-}
-NEAR_MISS_RATIO = 10    # a slip is named when yours is this many times closer to it than to the right formula
+def pitfall(name, mine, e, scale):
+    """What to say when mine matches one of the exercise's pitfalls for name much more closely than the right
+    formula; None otherwise.
 
-
-def near_miss(name, mine, e):
-    """What to say when mine matches a known slip much more closely than the right formula; None otherwise.
-
-    Both formulas are evaluated on the same upstream gradient (the learner's), so rounding alone
+    Both formulas are evaluated on the same upstream gradients (the learner's), so rounding alone
     cannot favour the slip: for a right gradient the distance to the right formula is rounding,
     and being ten times closer to the slip means the difference between yours and the right
     value has the slip's own pattern.
     """
-    if name not in NEAR_MISSES:
-        return None
-    formula, slipped, hint = NEAR_MISSES[name]
-    to_right, to_slip = largest(mine - e.local[name]), largest(mine - slipped(e.values, e.used))
-    if to_slip * NEAR_MISS_RATIO > to_right:
-        return None
-    times = to_right / to_slip if to_slip else math.inf
-    return (f"matches {formula} {times:.0f} times more closely than the right formula (maxdiff {to_slip:.1e} "
-            f"against {to_right:.1e}): {hint}")
+    to_right = largest(mine - e.local(name))
+    for known in (p for p in e.g.exercise.pitfalls if p.gradient == name):
+        slipped = e.g.code_value(known.slip, name, e.used)
+        if slipped is None or slipped.shape != mine.shape or not close(mine, slipped, scale):
+            continue
+        to_slip = largest(mine - slipped)
+        if to_slip * NEAR_MISS_RATIO > to_right:
+            continue
+        if relative_maxdiff(largest(mine - e.g.truth[name]), scale) > RTOL:
+            return with_hint(value_problem(mine, e.g.truth[name]), known.hint)
+        times = to_right / to_slip if to_slip else math.inf
+        return (f"matches {slip_formula(known.slip)} {times:.0f} times more closely than the right formula "
+                f"(maxdiff {to_slip:.1e} against {to_right:.1e}): {known.hint}")
+    return None
 
 
-def off(names, e):
-    """The labels of the versions of these gradients that were computed from, used, and are not right."""
-    rows = [e.rows.get(e.context.get(n)) for n in names if e.used[n] is not e.truth[n]]
-    return list(dict.fromkeys(row.label for row in rows if row is not None and row.status != "ok"))
+def shaped_pitfall(name, mine, e):
+    """The hint of the pitfall whose slip has mine's (wrong) shape and its values; None when none has."""
+    scale = max([largest(e.g.truth[name])] + [largest(e.g.truth[out]) for out in e.g.readers[name]])
+    for known in (p for p in e.g.exercise.pitfalls if p.gradient == name):
+        slipped = e.g.code_value(known.slip, name, e.used)
+        if slipped is not None and slipped.shape == mine.shape and close(mine, slipped, max(scale, largest(slipped))):
+            return known.hint
+    return None
+
+
+def slip_formula(slip):
+    """A one-line slip as its formula, a comment on it in parentheses: '-0.5 * bnvar**-1.5 * dbnvar_inv (no eps)'."""
+    line = slip.strip().splitlines()[-1]
+    code, _, comment = line.partition("#")
+    formula = code.split("=", 1)[-1].strip()
+    return f"{formula} ({comment.strip()})" if comment.strip() else formula
 
 
 def follows_from(name, mine, e, scale):
     """Why a gradient that differs from autograd's is right for what it was computed from; None when it is not."""
-    readers = e.readers[name]
-    upstream = off(readers, e)
-    if upstream and close(mine, e.local[name], max([largest(e.local[name])] + [largest(e.used[r]) for r in readers])):
+    g = e.g
+    readers = g.readers[name]
+    upstream = e.off(readers)
+    if upstream and close(mine, e.local(name), max([largest(e.local(name))] + [largest(e.used[r]) for r in readers])):
         return f"right for your {' and '.join(upstream)}, which {is_are(upstream)} off: fix that first"
-    further = off([far for r in readers for far in e.readers[r]], e)
-    implied_scale = max([largest(e.implied[name])] + [largest(e.local[r]) for r in readers])
-    if further and close(mine, e.implied[name], implied_scale):
+    further = e.off([far for r in readers for far in g.readers[r]])
+    implied_scale = max([largest(e.implied(name))] + [largest(e.local(r)) for r in readers])
+    if further and close(mine, e.implied(name), implied_scale):
         via = " and ".join("d" + r for r in readers)
         return (f"right for the {via} computed from your {' and '.join(further)}, which {is_are(further)} off: "
                 "fix that first")
-    if name in FUSED and e.forward_wrong and close(mine, FUSED[name](e.values, e.used), scale):
-        return ("the right one-step formula, but it assumes a right forward pass and yours is wrong at "
-                f"{', '.join(e.forward_wrong)}: fix that first")
+    for fused in (f for f in g.exercise.fused if f.gradient == name):
+        formula = g.code_value(fused.code, name, e.used) if g.forward_wrong else None
+        if formula is not None and formula.shape == mine.shape and close(mine, formula, scale):
+            return ("the right one-step formula, but it assumes a right forward pass and yours is wrong at "
+                    f"{', '.join(g.forward_wrong)}: fix that first")
     return None
+
+
+def held_branches(name, mine, e):
+    """(the steps reading name whose gradients mine holds, maxdiff to their sum) when it holds some but not all of
+    them; else None."""
+    readers = e.g.readers[name]
+    if not 2 <= len(readers) <= MOST_BRANCHES:
+        return None
+    parts = {r: e.branch(name, r) for r in readers}
+    scale = max([largest(e.local(name))] + [largest(p) for p in parts.values()])
+    for size in range(1, len(readers)):
+        for subset in itertools.combinations(readers, size):
+            total = sum(parts[r] for r in subset)
+            if close(mine, total, scale) and not close(total, e.local(name), scale):
+                return subset, largest(mine - total)
+    return None
+
+
+def branches_hint(name, held, g):
+    readers = g.readers[name]
+    return (f"{name} feeds {len(readers)} steps ({', '.join(readers)}): this holds only the gradient through "
+            f"{' and '.join(held[0])}; add the branches with +=")
+
+
+def broadcast(value, expected):
+    """value (a tensor of another shape) broadcast to expected's shape, in float64; None when it does not broadcast."""
+    try:
+        return torch.broadcast_to(as_float64(value), expected.shape)
+    except RuntimeError:
+        return None
 
 
 def is_are(names):
     return "is" if len(names) == 1 else "are"
 
 
-def gradient_hint(name, yours, expected, values, used, scale):
-    """The known pitfall the error pattern matches, in words; None when it matches none."""
-    n = values["Xb"].shape[0]
+def generic_hint(yours, expected, scale, constants):
+    """What the error pattern says without knowing the exercise: all zeros, or off by a constant factor; or None."""
     if not yours.any():
-        copy = ("; note dC[Xb[k]][j] += ... adds to a copy (indexing with the tensor Xb[k] copies rows): "
-                "dC[Xb[k, j]] += ... or index_add_ adds to dC itself")
-        return "yours is all zeros, as if nothing was ever added to it" + (copy if name == "C" else "")
-    if name == "C":
-        bad_rows = ((yours - expected).abs().amax(1) > RTOL * scale).nonzero().view(-1)
-        lookups = torch.bincount(values["Xb"].view(-1), minlength=yours.shape[0])
-        if len(bad_rows) and (lookups[bad_rows] > 1).all():
-            return ("wrong only in rows that Xb looks up more than once: dC[ix] += ... keeps one of the repeated "
-                    "contributions; accumulate with index_add_ (a scatter-add)")
-    if name == "hprebn":
-        biased = batchnorm_backward(
-            used["hpreact"], values["bngain"], values["bnvar_inv"], values["bnraw"], bessel=False
-        )
-        if close(yours, biased, scale):
-            return ("this is the fused formula for the biased (1/n) variance, but bnvar divides by n-1: "
-                    "the last term needs the factor n/(n-1)")
-    return constant_factor_hint(yours, expected, scale, n)
+        return "yours is all zeros, as if nothing was ever added to it"
+    return constant_factor_hint(yours, expected, scale, constants)
 
 
-def constant_factor_hint(yours, expected, scale, n):
+def constant_factor_hint(yours, expected, scale, constants):
     """Names a constant factor between yours and the expected gradient, if there is one."""
     norm = (expected * expected).sum()
     if norm == 0:
@@ -445,17 +613,13 @@ def constant_factor_hint(yours, expected, scale, n):
     ratio = ((yours * expected).sum() / norm).item()
     if not close(yours, ratio * expected, scale):
         return None
-    known = [
-        (-1.0, "sign error: yours is exactly minus the right gradient"),
-        (n / (n - 1), "off by the factor n/(n-1): the lecture's bnvar divides by n-1 (Bessel), not n"),
-        ((n - 1) / n, "off by the factor (n-1)/n: the lecture's bnvar divides by n-1 (Bessel), not n"),
-        (float(n), f"off by a factor n = {n}: check the 1/n of the mean"),
-        (1 / n, f"off by a factor 1/n = 1/{n}: check the 1/n of the mean"),
-        (2.0, "off by a factor 2"),
-        (0.5, "off by a factor 1/2: d(x^2)/dx = 2x"),
-    ]
+    known = [(-1.0, "sign error: yours is exactly minus the right gradient")]
+    for name, value in constants.items():
+        if isinstance(value, int) and value > 2:     # a count a mean divides by (n, T, ...)
+            known += [(float(value), f"off by a factor {name} = {value}: check the 1/{name} of the mean"),
+                      (1 / value, f"off by a factor 1/{name} = 1/{value}: check the 1/{name} of the mean")]
+    known += [(2.0, "off by a factor 2"), (0.5, "off by a factor 1/2: d(x^2)/dx = 2x")]
     for factor, hint in known:
         if abs(ratio - factor) <= 1e-4 * abs(factor):
             return hint
     return f"off by a constant factor {ratio:.4g}"
-

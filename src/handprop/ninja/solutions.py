@@ -1,8 +1,8 @@
 """Becoming a backprop ninja: handprop's own solutions to the lecture's exercises, and the `check` report.
 
-Exercise 1 backpropagates by hand through every step of lecture.py's forward; exercise 2
-does the cross-entropy in one fused step and exercise 3 the BatchNorm layer (both formulas
-are in lecture.py). Each result is compared with autograd in the lecture's `cmp` format;
+The mlp exercise's worked solution (exercises/mlp.py) in float32 on the lecture's batch: exercise 1
+backpropagates by hand through every step, exercises 2 and 3 do the cross-entropy and the BatchNorm
+layer in one fused step each. Each result is compared with autograd in the lecture's `cmp` format;
 `check_report` adds gradcheck's float64 rows for every layer of the library.
 """
 
@@ -11,76 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from ..gradcheck import relative_maxdiff
-from .lecture import (
-    BN_EPS,
-    GRADIENT_NAMES,
-    autograd_reference,
-    batchnorm_backward,
-    cross_entropy_backward,
-    forward,
-    lecture_setup,
-)
+from .exercise import forward, reference_gradients, run_code, run_setup
+from .exercises.mlp import EXERCISE as MLP
+from .exercises.mlp import EXERCISE_1
 
 CHECK_MAXDIFF = 1e-8        # a float32 cmp row passes when approximate and maxdiff is at most this
-
-
-def backward_by_hand(v):
-    """Exercise 1: dloss/dx for all 26 tensors, one step at a time back through lecture.forward's values v."""
-    n = v["Xb"].shape[0]
-    d = {}
-    # loss = -mean of the target log-probabilities: each picked entry gets -1/n
-    d["logprobs"] = torch.zeros_like(v["logprobs"])
-    d["logprobs"][torch.arange(n), v["Yb"]] = -1.0 / n
-    # d log(p) = dp / p
-    d["probs"] = d["logprobs"] / v["probs"]
-    # probs = counts * counts_sum_inv: counts_sum_inv (n, 1) was broadcast over the row, so sum it
-    d["counts_sum_inv"] = (v["counts"] * d["probs"]).sum(1, keepdim=True)
-    d["counts"] = v["counts_sum_inv"] * d["probs"]
-    # d x^-1 = -x^-2
-    d["counts_sum"] = -v["counts_sum"] ** -2 * d["counts_sum_inv"]
-    # counts also feeds counts_sum: every entry of a row gets the row's gradient
-    d["counts"] += d["counts_sum"]
-    # d exp(x) = exp(x)
-    d["norm_logits"] = v["counts"] * d["counts"]
-    # norm_logits = logits - logit_maxes, logit_maxes broadcast over the row
-    d["logit_maxes"] = -d["norm_logits"].sum(1, keepdim=True)
-    d["logits"] = d["norm_logits"].clone()
-    # logit_maxes copies one entry per row: its gradient goes back to that entry
-    d["logits"][torch.arange(n), v["logits"].argmax(1)] += d["logit_maxes"][:, 0]
-    # logits = h @ W2 + b2
-    d["h"] = d["logits"] @ v["W2"].T
-    d["W2"] = v["h"].T @ d["logits"]
-    d["b2"] = d["logits"].sum(0)
-    # d tanh(x) = 1 - tanh(x)^2; addcmul rounds 1 - h*h once (a fused multiply-add), as PyTorch's
-    # own tanh backward does, so the rows below stay bit-exact; (1.0 - h**2) * dh is equal to ~1e-9
-    d["hpreact"] = torch.addcmul(torch.ones_like(v["h"]), v["h"], v["h"], value=-1.0) * d["h"]
-    # hpreact = bngain * bnraw + bnbias, gain and bias broadcast over the batch
-    d["bngain"] = (v["bnraw"] * d["hpreact"]).sum(0, keepdim=True)
-    d["bnbias"] = d["hpreact"].sum(0, keepdim=True)
-    d["bnraw"] = v["bngain"] * d["hpreact"]
-    # bnraw = bndiff * bnvar_inv, bnvar_inv broadcast over the batch
-    d["bnvar_inv"] = (v["bndiff"] * d["bnraw"]).sum(0, keepdim=True)
-    d["bndiff"] = v["bnvar_inv"] * d["bnraw"]
-    # d (x + eps)^-1/2 = -1/2 (x + eps)^-3/2
-    d["bnvar"] = -0.5 * (v["bnvar"] + BN_EPS) ** -1.5 * d["bnvar_inv"]
-    # bnvar = 1/(n-1) * sum over the batch of bndiff2
-    d["bndiff2"] = 1.0 / (n - 1) * torch.ones_like(v["bndiff2"]) * d["bnvar"]
-    # bndiff also feeds bndiff2 = bndiff^2
-    d["bndiff"] += 2 * v["bndiff"] * d["bndiff2"]
-    # bndiff = hprebn - bnmeani, bnmeani broadcast over the batch
-    d["bnmeani"] = -d["bndiff"].sum(0, keepdim=True)
-    d["hprebn"] = d["bndiff"].clone()
-    # hprebn also feeds bnmeani = 1/n * sum over the batch
-    d["hprebn"] += 1.0 / n * d["bnmeani"]
-    # hprebn = embcat @ W1 + b1
-    d["embcat"] = d["hprebn"] @ v["W1"].T
-    d["W1"] = v["embcat"].T @ d["hprebn"]
-    d["b1"] = d["hprebn"].sum(0)
-    # embcat is a view of emb
-    d["emb"] = d["embcat"].view(v["emb"].shape)
-    # emb = C[Xb]: each row of C collects the gradients of every position that looked it up
-    d["C"] = torch.zeros_like(v["C"]).index_add_(0, v["Xb"].view(-1), d["emb"].view(-1, v["C"].shape[1]))
-    return d
 
 
 @dataclass(frozen=True)
@@ -104,20 +39,18 @@ def cmp(name, mine, reference):
 
 
 def check_exercises(dtype=torch.float32):
-    """The three exercises on the lecture's batch: {title: [CmpRow, ...]}."""
-    tensors = lecture_setup(dtype)
-    v = forward(tensors)
-    reference = autograd_reference(tensors)
-    mine = backward_by_hand(v)
-    fused_logits = cross_entropy_backward(v["logits"], v["Yb"])
-    fused_hprebn = batchnorm_backward(mine["hpreact"], v["bngain"], v["bnvar_inv"], v["bnraw"])
-    return {
-        "exercise 1: backprop through every intermediate": [
-            cmp(name, mine[name], reference[name]) for name in GRADIENT_NAMES
-        ],
-        "exercise 2: cross-entropy in one step": [cmp("logits", fused_logits, reference["logits"])],
-        "exercise 3: BatchNorm in one step": [cmp("hprebn", fused_hprebn, reference["hprebn"])],
-    }
+    """The mlp exercise's three parts on the lecture's batch: {title: [CmpRow, ...]}."""
+    tensors, constants = run_setup(MLP, dtype)
+    values = forward(MLP, tensors, constants)
+    reference = reference_gradients(MLP, tensors, constants)
+    mine = run_code(EXERCISE_1, values, constants, "<mlp exercise 1>")
+    exercises = {"exercise 1: backprop through every intermediate": [
+        cmp(name, mine["d" + name], reference[name]) for name in MLP.gradients
+    ]}
+    for fused in MLP.fused:          # each formula reads exercise 1's gradients downstream of it
+        one_step = run_code(fused.code, mine, constants, f"<mlp {fused.title}>")["d" + fused.gradient]
+        exercises[fused.title] = [cmp(fused.gradient, one_step, reference[fused.gradient])]
+    return exercises
 
 
 def format_cmp(rows):
