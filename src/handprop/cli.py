@@ -25,11 +25,12 @@ from .data import load_corpus
 from .distributed import RankLost, launched
 from .errors import UserError
 from .gradcheck import check_layers
-from .models import PRESETS, preset, recipe
+from .models import PRESETS, count_parameters, preset, recipe
 from .ninja.grade import grade_script
 from .ninja.solutions import check_report
-from .sample import Sampling, stream_samples
-from .train import Interrupted, check_work_dir, evaluate, format_losses, make_run_splits, train
+from .sample import CHUNK, Sampling, stream_samples
+from .threads import parse_threads, use_threads
+from .train import EVAL_CHUNK, Interrupted, check_work_dir, evaluate, format_losses, make_run_splits, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -93,6 +94,20 @@ def add_device(p):
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where the tensors live (default cpu)")
 
 
+def threads_setting(text):
+    """An argparse type: --threads auto or N."""
+    try:
+        return parse_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_threads(p):
+    rules = next(f for f in fields(TrainConfig) if f.name == "threads").metadata
+    p.add_argument("--threads", default=None, type=threads_setting, metavar="N|auto",
+                   help=f"{rules['help']} (default auto)")
+
+
 def build_parser():
     parser = Parser(prog="handprop", description="Character-level language models with every gradient written by hand.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -125,6 +140,7 @@ def build_parser():
                    help="log losses and statistics for TensorBoard in the work dir "
                         "(pip install 'handprop[tensorboard]')")
     add_device(t)
+    add_threads(t)
     t.set_defaults(run=run_train)
 
     s = sub.add_parser("sample", help="generate new items from a trained model")
@@ -145,6 +161,7 @@ def build_parser():
                         "greedy (default: all; 1 to 1,000,000)")
     add_best(s)
     add_device(s)
+    add_threads(s)
     s.set_defaults(run=run_sample)
 
     e = sub.add_parser("eval", help="loss of a trained model on the full train/val/test splits")
@@ -153,15 +170,18 @@ def build_parser():
                    help="the corpus; - reads standard input (default: the file it was trained on)")
     add_best(e)
     add_device(e)
+    add_threads(e)
     e.set_defaults(run=run_eval)
 
     c = sub.add_parser("check", help="prove every hand-written gradient against autograd (the lecture's exercises, "
                        "every layer)")
+    add_threads(c)
     c.set_defaults(run=run_check)
 
     g = sub.add_parser("grade", help="run a learner's backprop-ninja script and grade the gradients it defines")
     g.add_argument("solution", help="a Python script that leaves the lecture's names behind (C, W1, ..., Xb, Yb, "
                    "dlogprobs, ..., dC)")
+    add_threads(g)
     g.set_defaults(run=run_grade)
 
     d = sub.add_parser("diagnose", help="figures and report.html of a run trained with --diagnostics")
@@ -187,8 +207,8 @@ def model_overrides(args):
 
 
 def train_overrides(args, device):
-    """The training fields the flags set, the device included."""
-    given = {name: getattr(args, name) for name in TRAIN_FLAGS} | {"device": device}
+    """The training fields the flags set, the device and the threads included."""
+    given = {name: getattr(args, name) for name in TRAIN_FLAGS} | {"device": device, "threads": args.threads}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -272,6 +292,7 @@ def draw_report(work_dir, device):
 
 def run_sample(args):
     checkpoint = chosen_checkpoint(args)
+    use_threads(args.threads, count_parameters(checkpoint.model) * min(args.num_samples, CHUNK))  # a position each
     generator = torch.Generator(device=args.device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
     sampling = Sampling(args.temperature, args.top_k)
@@ -300,17 +321,20 @@ def run_eval(args):
     spec = checkpoint.spec
     corpus = trained_corpus(spec, args.input_file)
     splits = make_run_splits(corpus, spec.model_config, spec.vocab, args.device)
+    use_threads(args.threads, count_parameters(checkpoint.model) * EVAL_CHUNK)  # a multiply-add a parameter, position
     with torch.inference_mode():
         print(format_losses(evaluate(checkpoint.model, splits)))
 
 
 def run_check(args):
+    use_threads(args.threads, 0)            # float64 proofs on small tensors
     report, ok = check_report(check_layers())
     print(report)
     return 0 if ok else 1
 
 
 def run_grade(args):
+    use_threads(args.threads, 0)            # the lecture's small tensors
     return 0 if grade_script(args.solution).ok else 1
 
 

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import UserError
+from .threads import AUTO, parse_threads
 
 WINDOW_KINDS = ("mlp", "wavenet")                           # read block_size characters, predict the next
 SEQUENCE_KINDS = ("bigram", "rnn", "gru", "transformer")    # read a whole item, predict every next character
@@ -71,14 +72,18 @@ class TrainConfig:
     device: str = setting("cpu", "where the tensors live", choices=DEVICES)
     compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on; off, op by op; "
                            f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES)
+    threads: str = setting(AUTO, "threads for tensor operations: N, or auto: 1, or more for a step with the work for "
+                           "them while other processes leave the cores free (docs/performance.md, Threads)")
     log_every: int = setting(10_000, "steps between log lines when the output is not a terminal", 1, 10**9)
     save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9)
     diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9)
     tensorboard: bool = setting(False, "also log the recorded statistics as TensorBoard events")
 
 
-# settings a resumed run may change: how often it reports and saves, where it runs, and how far it goes
-RESUME_MAY_CHANGE = ("max_steps", "device", "compile", "log_every", "save_every", "diagnostics_every", "tensorboard")
+# settings a resumed run may change: how often it reports and saves, where and on how many threads it runs, and how
+# far it goes
+RESUME_MAY_CHANGE = ("max_steps", "device", "compile", "threads", "log_every", "save_every", "diagnostics_every",
+                     "tensorboard")
 
 
 def check_field(config, f):
@@ -134,6 +139,10 @@ def validate_train(config, model_config):
     """Every field in range, and the settings that would silently do nothing or break; returns config."""
     for f in fields(config):
         check_field(config, f)
+    try:
+        parse_threads(config.threads)
+    except ValueError as e:
+        raise UserError(f"threads: {e}") from None
     if config.weight_decay and config.optimizer != "adamw":
         raise UserError(f"weight decay is applied by adamw only; with {config.optimizer} it would do nothing "
                         "(add --optimizer adamw, or drop -w)")
@@ -156,7 +165,7 @@ def preset_config(base, **overrides):
 
 
 # settings added after the first checkpoints were written: one that lacks them ran with their default
-ADDED_SETTINGS = {"lookup_tables", "compile"}
+ADDED_SETTINGS = {"lookup_tables", "compile", "threads"}
 
 
 def config_from_dict(cls, saved, what):
