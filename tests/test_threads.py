@@ -161,6 +161,14 @@ def test_a_step_that_gains_from_two_takes_one_beside_a_busy_process():
     assert "threads: 1 for now (" in threads.describe() and "other processes take 1.0 of 2 cores" in threads.describe()
 
 
+@pytest.mark.parametrize("environ, cores, why", [({}, 1, "but this process may use 1 core"),
+                                                 ({"LOCAL_WORLD_SIZE": "2"}, 2, "but 2 ranks share this machine's 2")])
+def test_a_step_that_gains_from_two_takes_one_where_it_may_use_one_core_and_says_why(environ, cores, why):
+    threads = choose_threads(AUTO, BIG, environ=environ, cores=cores, load=ScriptedLoad())
+    assert (threads.count, threads.load) == (1, None)
+    assert "multiply-adds would keep 2 busy, " + why in threads.describe()
+
+
 def test_a_step_that_gains_from_more_cannot_be_watched_where_the_load_cannot_be_read(monkeypatch):
     monkeypatch.setattr(Load, "of_this_machine", classmethod(lambda cls: None))
     threads = choose_threads(AUTO, BIG, environ={}, cores=2)
@@ -188,7 +196,8 @@ def test_free_cores_count_a_core_the_others_take_at_most_a_quarter_of():
 @pytest.mark.parametrize("cores, ranks, count", [(2, 2, 1), (8, 2, 4), (8, 3, 2), (2, 4, 1)])
 def test_under_torchrun_each_rank_takes_its_share_of_the_cores(cores, ranks, count):
     environ = {"LOCAL_WORLD_SIZE": str(ranks), "OMP_NUM_THREADS": "1"}   # torchrun's own 1 for several ranks
-    threads = choose_threads(AUTO, 100 * WORK_PER_THREAD, environ=environ, cores=cores, load=ScriptedLoad(0.0))
+    taken = (ranks - 1) * cores // ranks    # the other ranks at work
+    threads = choose_threads(AUTO, 100 * WORK_PER_THREAD, environ=environ, cores=cores, load=ScriptedLoad(taken))
     assert threads.count == count
     assert f"{ranks} ranks share this machine's {cores} cores" in threads.describe()
 

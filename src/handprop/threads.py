@@ -280,9 +280,13 @@ def choose_threads(setting, work, environ=None, cores=None, load=None, say=None)
     share = max(1, cores // ranks)
     wanted = wanted_threads(work, share)
     shared = f"; {ranks} ranks share this machine's {cores} cores" if ranks > 1 else ""
+    step = f"auto: a step of {short(work)} multiply-adds"
+    if wanted_threads(work, MOST_THREADS) == 1:
+        return Threads(1, f"{step} gains nothing from a second thread{shared}")
     if wanted == 1:
-        return Threads(1, f"auto: a step of {short(work)} multiply-adds gains nothing from a second thread{shared}")
-    reason = f"auto: a step of {short(work)} multiply-adds keeps {wanted} busy{shared}"
+        where = f"{ranks} ranks share this machine's {cores} cores" if ranks > 1 else "this process may use 1 core"
+        return Threads(1, f"{step} would keep {wanted_threads(work, MOST_THREADS)} busy, but {where}")
+    reason = f"{step} keeps {wanted} busy{shared}"
     load = Load.of_this_machine() if load is None else load
     if load is None:
         return Threads(1, f"{reason}, but the load of this machine cannot be read, and a busy core would stall them")
