@@ -121,9 +121,18 @@ def test_a_bad_omp_num_threads_is_one_error(value):
 # --- the decision --------------------------------------------------------------------------------------------------
 
 def test_a_fixed_setting_is_taken_as_it_is_and_never_watched():
-    threads = choose_threads("3", BIG, environ={"OMP_NUM_THREADS": "1"}, cores=2, load=ScriptedLoad())
+    threads = choose_threads("3", BIG, environ={"OMP_NUM_THREADS": "1"}, cores=4, load=ScriptedLoad())
     assert (threads.count, torch.get_num_threads(), threads.load) == (3, 3, None)
     assert threads.describe() == "threads: 3 (--threads 3)"
+
+
+@pytest.mark.parametrize("environ, cores, why", [({}, 2, "more than the 2 cores it may use"),
+                                                 ({"LOCAL_WORLD_SIZE": "2"}, 4, "more than the 2 cores it may use"),
+                                                 ({}, 1, "more than the 1 core it may use")])
+def test_more_threads_than_cores_are_taken_as_asked_and_the_log_warns(environ, cores, why):
+    threads = choose_threads("3", BIG, environ=environ, cores=cores, load=ScriptedLoad())
+    assert threads.count == 3
+    assert threads.describe() == f"threads: 3 (--threads 3; {why}: expect its barriers to wait)"
 
 
 def test_auto_obeys_omp_num_threads():
@@ -292,6 +301,16 @@ def test_the_mlps_step_work_is_its_three_products_per_linear_and_changes_nothing
 # --- the flag on every command, the log, the config, resume -------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["train", "eval", "sample", "check", "grade"])
+def test_every_command_shows_the_flag_with_its_default_and_range(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--threads N|auto threads for tensor operations: N, or auto:" in shown
+    assert "(docs/performance.md, Threads) (default auto; 1 to 1,024)" in shown
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "check", "grade"])
 @pytest.mark.parametrize("value", ["0", "x", "1.5", "2000"])
 def test_a_bad_threads_value_is_one_error_line_and_exit_2_on_every_command(command, value, capsys, tmp_path):
     argv = [command, "--threads", value] + (["solution.py"] if command == "grade" else [])
@@ -338,7 +357,7 @@ def test_the_log_says_how_many_threads_and_why_and_the_config_records_the_settin
     assert "threads: 1 (OMP_NUM_THREADS=1 in the environment)\n" in out     # the suite runs with it set
     assert json.loads((tmp_path / "a" / "config.json").read_text())["train_config"]["threads"] == "auto"
     out = train_log(["-o", tmp_path / "b", "--max-steps", "20", "--threads", "2", "-i", names], capsys)
-    assert "threads: 2 (--threads 2)\n" in out
+    assert "threads: 2 (--threads 2" in out    # and a warning on one core
     assert json.loads((tmp_path / "b" / "config.json").read_text())["train_config"]["threads"] == "2"
 
 
@@ -346,7 +365,7 @@ def test_resume_may_change_the_threads_and_keeps_them_when_not_given(tmp_path, c
     work_dir = tmp_path / "run"
     train_log(["-o", work_dir, "--max-steps", "20", "--threads", "2", "-i", names], capsys)
     out = train_log(["--resume", "-o", work_dir, "--max-steps", "30"], capsys)
-    assert "threads: 2 (--threads 2)\n" in out
+    assert "threads: 2 (--threads 2" in out    # and a warning on one core
     out = train_log(["--resume", "-o", work_dir, "--max-steps", "40", "--threads", "auto"], capsys)
     assert "threads: 1 (OMP_NUM_THREADS=1 in the environment)\n" in out
     assert load_checkpoint(work_dir / "model.safetensors").spec.train_config.threads == "auto"

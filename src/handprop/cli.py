@@ -29,7 +29,7 @@ from .models import PRESETS, count_parameters, preset, recipe
 from .ninja.grade import grade_script
 from .ninja.solutions import check_report
 from .sample import CHUNK, Sampling, stream_samples
-from .threads import parse_threads, use_threads
+from .threads import MOST_THREADS, parse_threads, use_threads
 from .train import EVAL_CHUNK, Interrupted, check_work_dir, evaluate, format_losses, make_run_splits, train
 
 
@@ -105,7 +105,7 @@ def threads_setting(text):
 def add_threads(p):
     rules = next(f for f in fields(TrainConfig) if f.name == "threads").metadata
     p.add_argument("--threads", default=None, type=threads_setting, metavar="N|auto",
-                   help=f"{rules['help']} (default auto)")
+                   help=f"{rules['help']} (default auto; 1 to {format_number(MOST_THREADS)})")
 
 
 def build_parser():

@@ -270,14 +270,16 @@ def choose_threads(setting, work, environ=None, cores=None, load=None, say=None)
     cores and load default to this process's (allowed_cores, Load.of_this_machine); tests give their own.
     """
     environ = os.environ if environ is None else environ
-    if setting != AUTO:
-        return Threads(int(setting), f"--threads {setting}")
     ranks = local_ranks(environ)
+    cores = allowed_cores() if cores is None else cores
+    share = max(1, cores // ranks)
+    if setting != AUTO:
+        more = "" if int(setting) <= share else \
+            f"; more than the {share} core{'s' * (share > 1)} it may use: expect its barriers to wait"
+        return Threads(int(setting), f"--threads {setting}{more}")
     chosen = environment_threads(environ, ranks)
     if chosen is not None:
         return Threads(chosen, f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']} in the environment")
-    cores = allowed_cores() if cores is None else cores
-    share = max(1, cores // ranks)
     wanted = wanted_threads(work, share)
     shared = f"; {ranks} ranks share this machine's {cores} cores" if ranks > 1 else ""
     step = f"auto: a step of {short(work)} multiply-adds"
@@ -296,8 +298,6 @@ def choose_threads(setting, work, environ=None, cores=None, load=None, say=None)
 
 class Kept:
     """Torch's threads as they are, never watched: what a Run has until train() chooses."""
-
-    count = None
 
     def watch(self, step):
         return False
