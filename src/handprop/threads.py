@@ -9,7 +9,7 @@ and the transformer 7x or more, where one thread lost nothing (docs/performance.
 The rule, `--threads auto` (the default):
 - A step gains from another thread only when it has the work to share: one thread per
   WORK_PER_THREAD multiply-adds of its matrix products (counted on one forward pass). The
-  lecture's mlp (1.2M a step) takes 1 thread, which it is fastest on; the transformer
+  lecture's mlp (1.1M a step) takes 1 thread, which it is fastest on; the transformer
   (0.3G) takes 2, which run it 1.29x faster than 1 on an idle machine.
 - Never more than the cores this process may use (its CPU affinity, a cgroup's CPU quota) and,
   under torchrun, its rank's share of them; an OMP_NUM_THREADS the user set is obeyed as is.
@@ -93,7 +93,8 @@ class MatrixProducts(TorchFunctionMode):
     """While active, counts the multiply-adds of every matrix product torch is asked for (torch's own counter,
     FlopCounterMode, costs every command a second to import the compiler)."""
 
-    RIGHT = {"__matmul__": 1, "matmul": 1, "mm": 1, "bmm": 1, "addmm": 2, "baddbmm": 2, "__rmatmul__": 0}  # its place
+    # where the right operand is among the arguments
+    RIGHT = {"__matmul__": 1, "matmul": 1, "mm": 1, "bmm": 1, "addmm": 2, "baddbmm": 2, "__rmatmul__": 0}
 
     def __init__(self):
         super().__init__()
@@ -124,7 +125,7 @@ def step_work(model, examples, batch_size):
 
 
 def wanted_threads(work, cores):
-    """Threads a step of work multiply-adds can keep busy on cores free ones: at least 1."""
+    """How many threads a step of work multiply-adds keeps busy: one per WORK_PER_THREAD, at most cores, at least 1."""
     return max(1, min(cores, work // WORK_PER_THREAD))
 
 
@@ -257,7 +258,7 @@ def free_cores(cores, taken):
 
 
 def short(work):
-    """Multiply-adds as people read them: 1.2M, 314M, 2.5G."""
+    """Multiply-adds as people read them: 1.09M, 317M, 2.5G."""
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if work >= size:
             return f"{work / size:.3g}{unit}"
