@@ -175,11 +175,13 @@ class Load:
 
     def waiting(self):
         """Other tasks running or waiting to run: the fewest of a few looks, so that a passing one (a shell
-        command, a kernel thread) or one of this process's threads changing state between two files is not one."""
+        command, a kernel thread) is not counted. Each look counts all tasks first, then this process's own: between
+        two steps its threads only stop spinning, never start, so a change between the two can only add one, which
+        another look will not."""
         looks = []
         for _ in range(3):
-            own = self.own_running()
-            looks.append(self.reading()[3] - own)
+            running = self.reading()[3]
+            looks.append(running - self.own_running())
         return max(0, min(looks))
 
     def others(self):
