@@ -103,6 +103,7 @@ def threads_setting(text):
 
 
 def add_threads(p):
+    """--threads, its help from the TrainConfig field (train records it; eval, sample, check and grade only use it)."""
     rules = next(f for f in fields(TrainConfig) if f.name == "threads").metadata
     p.add_argument("--threads", default=None, type=threads_setting, metavar="N|auto",
                    help=f"{rules['help']} (default auto; 1 to {format_number(MOST_THREADS)})")
