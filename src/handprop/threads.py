@@ -120,7 +120,7 @@ def forward_work(model, X):
 def step_work(model, examples, batch_size):
     """Multiply-adds of the matrix products in one training step: a forward pass over a batch, and the backward
     pass's two products for each of its (dX = dY W^T, dW = X^T dY)."""
-    X, _ = examples.batch(torch.zeros(batch_size, dtype=torch.long))  # any rows: the work depends on the shape
+    X, _ = examples.batch(torch.zeros(batch_size, dtype=torch.long, device=examples.stream.device))  # any rows
     return 3 * forward_work(model, X)
 
 
