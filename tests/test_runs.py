@@ -122,14 +122,15 @@ def test_a_larger_max_steps_extends_a_finished_run(finished_300, tmp_path, capsy
     status, out, _ = cli(["train", "--resume", "-o", work_dir, "--max-steps", "400", "--log-every", "50"], capsys)
     assert status == 0
     lines = out.splitlines()
-    assert "resuming at step 300" in lines[1] and lines[2].startswith("step 350/400") and "lr 0.01 " in lines[2]
-    assert lines[3].startswith("step 400/400")
-    assert lines[4].startswith("setting BatchNorm statistics") and lines[5].startswith("evaluating on the full")
+    assert "resuming at step 300" in lines[1] and lines[2].startswith("threads: ")
+    assert lines[3].startswith("step 350/400") and "lr 0.01 " in lines[3]
+    assert lines[4].startswith("step 400/400")
+    assert lines[5].startswith("setting BatchNorm statistics") and lines[6].startswith("evaluating on the full")
     checkpoint = load_checkpoint(work_dir / "model.safetensors")
     assert checkpoint.step == 400 and checkpoint.finished and checkpoint.spec.train_config.max_steps == 400
     losses = checkpoint.losses
-    assert lines[6].startswith("wall time ") and lines[6].endswith(" for 100 steps")     # the steps this command ran
-    assert lines[7] == (f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f} | "
+    assert lines[7].startswith("wall time ") and lines[7].endswith(" for 100 steps")     # the steps this command ran
+    assert lines[8] == (f"train loss {losses['train']:.4f} | val loss {losses['val']:.4f} | "
                         f"test loss {losses['test']:.4f}")
     readable = json.loads((work_dir / "config.json").read_text())
     assert readable["step"] == 400 and readable["finished"] and readable["losses"] == losses

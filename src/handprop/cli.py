@@ -16,15 +16,17 @@ from .config import DEVICES, ModelConfig, TrainConfig, flagged, format_number
 from .data import load_corpus
 from .distributed import RankLost, launched
 from .errors import UserError
-from .evaluation import evaluate, format_losses, make_run_splits
+from .evaluation import EVAL_CHUNK, evaluate, format_losses, make_run_splits
 from .gradcheck import check_layers
+from .models import count_parameters
 from .ninja.exercises import EXERCISES
 from .ninja.grade import grade_script
 from .ninja.solutions import check_report
 from .ninja.starter import write_solution, write_starter
-from .sample import Sampling, stream_samples
+from .sample import CHUNK, Sampling, stream_samples
 from .settings import DEFAULT_MODEL, PRESETS, Overrides, check_ranks, new_settings, recipe, resumed_settings
 from .stops import Interrupted
+from .threads import MOST_THREADS, parse_threads, use_threads
 from .workdir import check_work_dir, saved_run
 
 
@@ -78,6 +80,21 @@ def chosen_checkpoint(args):
 
 def add_device(p):
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where the tensors live (default cpu)")
+
+
+def threads_setting(text):
+    """An argparse type: --threads auto or N."""
+    try:
+        return parse_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_threads(p):
+    """--threads, its help from the TrainConfig field (train records it; eval, sample, check and grade only use it)."""
+    rules = next(f for f in fields(TrainConfig) if f.name == "threads").metadata
+    p.add_argument("--threads", default=None, type=threads_setting, metavar="N|auto",
+                   help=f"{rules['help']} (default auto; 1 to {format_number(MOST_THREADS)})")
 
 
 def build_parser():
@@ -175,6 +192,8 @@ def build_parser():
     d.add_argument("-o", "--work-dir", default="out", help="the run's directory, where they are written (default out)")
     add_device(d)
     d.set_defaults(run=run_diagnose)
+    for command in ("train", "sample", "eval", "check", "grade"):
+        add_threads(sub.choices[command])
     for command, p in sub.choices.items():  # the settings other commands take too: each field names its commands
         if command != "train":
             for name, flags in flagged(TrainConfig, command).items():
@@ -194,7 +213,7 @@ def overrides(args, device):
     model["batchnorm"] = False if args.no_batchnorm else None
     model["lookup_tables"] = True if args.lookup_tables else None
     model["bessel"] = None if args.bn_variance is None else args.bn_variance == "bessel"
-    train = {name: getattr(args, name) for name in flagged(TrainConfig)} | {"device": device}
+    train = {name: getattr(args, name) for name in flagged(TrainConfig)} | {"device": device, "threads": args.threads}
     train |= {"diagnostics_every": args.diagnostics_every, "tensorboard": args.tensorboard or None}
     return Overrides(args.model, {k: v for k, v in model.items() if v is not None},
                      {k: v for k, v in train.items() if v is not None}, args.diagnostics)
@@ -244,6 +263,7 @@ def draw_report(work_dir, device):
 
 def run_sample(args):
     checkpoint = chosen_checkpoint(args)
+    use_threads(args.threads, count_parameters(checkpoint.model) * min(args.num_samples, CHUNK))  # a position each
     generator = torch.Generator(device=args.device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
     sampling = Sampling(args.temperature, args.top_k)
@@ -272,6 +292,7 @@ def run_eval(args):
     spec = checkpoint.spec
     corpus = trained_corpus(spec, args.input_file)
     splits = make_run_splits(corpus, spec.model_config, spec.vocab, args.device)
+    use_threads(args.threads, count_parameters(checkpoint.model) * EVAL_CHUNK)  # a multiply-add a parameter, position
     if not checkpoint.finished:             # not the run's final losses: say which step they are of
         print(f"{BEST if args.best else LATEST} in {args.work_dir} is at step {checkpoint.step} of "
               f"{spec.train_config.max_steps}: the run had not finished when it was saved (it is still training, "
@@ -281,12 +302,14 @@ def run_eval(args):
 
 
 def run_check(args):
+    use_threads(args.threads, 0)            # float64 proofs on small tensors
     report, ok = check_report(check_layers())
     print(report)
     return 0 if ok else 1
 
 
 def run_grade(args):
+    use_threads(args.threads, 0)            # the exercises' small tensors
     return 0 if grade_script(args.solution, exercise=args.exercise, timeout=args.timeout).ok else 1
 
 

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import UserError
+from .threads import AUTO, parse_threads
 
 WINDOW_KINDS = ("mlp", "wavenet")                           # read block_size characters, predict the next
 SEQUENCE_KINDS = ("bigram", "rnn", "gru", "transformer")    # read a whole item, predict every next character
@@ -91,6 +92,9 @@ class TrainConfig:
                              flags=("--log-every",), resumable=True)
     save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9,
                               flags=("--save-every",), resumable=True)
+    threads: str = setting(AUTO, "threads for tensor operations: N, or auto: 1, or more for a step with the work for "
+                           "them while other processes leave the cores free (docs/performance.md, Threads)",
+                           resumable=True)      # its flag is cli.add_threads: N or auto, on every command
     diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9, resumable=True)
     tensorboard: bool = setting(False, "also log the recorded statistics as TensorBoard events", resumable=True)
 
@@ -149,6 +153,10 @@ def validate_train(config, model_config):
     """Every field in range, and the settings that would silently do nothing or break; returns config."""
     for f in fields(config):
         check_field(config, f)
+    try:
+        parse_threads(config.threads)
+    except ValueError as e:
+        raise UserError(f"threads: {e}") from None
     if config.weight_decay and config.optimizer != "adamw":
         raise UserError(f"weight decay is applied by adamw only; with {config.optimizer} it would do nothing "
                         "(add --optimizer adamw, or -w 0)")
@@ -172,7 +180,7 @@ def preset_config(base, **overrides):
 
 
 # settings added after the first checkpoints were written: one that lacks them ran with their default
-ADDED_SETTINGS = {"lookup_tables", "compile"}
+ADDED_SETTINGS = {"lookup_tables", "compile", "threads"}
 
 
 def config_from_dict(cls, saved, what):

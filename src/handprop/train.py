@@ -37,6 +37,7 @@ from .progress import Log, Progress, wall_time
 from .settings import fit_to_corpus
 from .step import EagerStep, schedule_for
 from .stops import Interrupted, interruption, resume_hint, signal_handler, stop_at_once, stop_requests, stopped
+from .threads import KEPT, OnePerCount, choose_threads, line_to, step_work
 from .workdir import owned, saving
 
 
@@ -52,6 +53,7 @@ class Run:
     best_val: float = math.inf      # lowest val loss at a save, for best.safetensors
     saved_step: int | None = None   # the step of the latest checkpoint on disk
     world: World = ALONE            # the ranks sharing each batch; rank 0 alone writes
+    threads: object = KEPT          # threads.Threads: how many the steps run on, watched between steps
 
     def checkpoint(self, finished=False, losses=None):
         tensors, numbers = self.optimizer.state_dict()
@@ -134,6 +136,8 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
         obstacle = compile_obstacle(config, world.size, config.diagnostics_every > 0)
         wanted = compile_wanted(config, obstacle)
         run.world = world
+        run.threads = choose_threads(config.threads, step_work(run.model, splits.tensors["train"], config.batch_size),
+                                     say=line_to(out))
         world.attach(run.model, config.batch_size)
         world.check_same(run.digest)
         with owned(work_dir, resume_from, world):   # held to the end: a second train on work_dir is refused
@@ -147,6 +151,7 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
                       + (f", resuming at step {run.step}" if resume_from else "") + "\n")
             if world.size > 1:
                 out.write(world.describe(config.batch_size) + "\n")
+            out.write(run.threads.describe() + "\n")
 
             def val_loss():
                 return split_loss(run.model, splits.tensors["val"])
@@ -156,6 +161,9 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
             compiled = None                 # before the first save: a failed --compile on leaves no run behind
             if wanted:
                 compiled = compiled_step(run, splits.tensors["train"], work_dir, out)
+                if compiled:                # and a graph for each other thread count the run switches to
+                    compiled = OnePerCount(compiled, lambda: new_compiled_step(run, splits.tensors["train"]),
+                                           run.threads, line_to(out))
             elif config.compile == "auto" and long_enough(config):
                 out.write(f"training op by op, not compiled: {obstacle}\n")    # long enough, but it cannot be
             if run.saved_step is None:      # from step 0 on there is always a checkpoint to resume
@@ -184,6 +192,7 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss, step=None):
     progress = Progress(config.max_steps, config.log_every, out, start_step=run.step)
     with stop_requests() as stop:
         while run.step < config.max_steps:
+            run.threads.watch(run.step)     # fewer threads while other processes take cores, more once they leave
             lr = schedule(run.step)
             diagnostics.begin(run.step)
             # the global batch's rows, the same on every rank; the step, summed over the ranks with any stop request
@@ -211,7 +220,6 @@ def compiled_step(run, examples, work_dir, out):
     then)."""
     config = run.spec.train_config
     out.write("compiling the training step (once: 5 s to a minute) ... ")
-    criterion = examples.form.criterion()
 
     def stop(signum):                       # at once: a compile can take a minute, and nothing is lost
         kept = (f"the checkpoint at step {run.saved_step} is kept; {resume_hint(work_dir)}"
@@ -220,7 +228,7 @@ def compiled_step(run, examples, work_dir, out):
 
     try:
         with signal_handler(stop):
-            step = CompiledStep(run.model, run.optimizer, criterion, examples, config.batch_size, config.grad_clip)
+            step = new_compiled_step(run, examples)
     except Exception as e:                  # no C++ compiler, an older torch: the eager step does the same arithmetic
         interrupted = interruption(e)       # the stop, perhaps wrapped by Inductor in its own error
         if interrupted:
@@ -233,6 +241,13 @@ def compiled_step(run, examples, work_dir, out):
         return None
     out.write(f"done in {step.seconds:.0f} s\n")
     return step
+
+
+def new_compiled_step(run, examples):
+    """The run's step over examples compiled (compiled.CompiledStep) for the threads torch runs on now."""
+    config = run.spec.train_config
+    return CompiledStep(run.model, run.optimizer, examples.form.criterion(), examples, config.batch_size,
+                        config.grad_clip)
 
 
 def finish(run, splits, work_dir, diagnostics, out):
