@@ -34,10 +34,10 @@ import torch
 
 from handprop.compiled import compile_obstacle, compile_wanted
 from handprop.data import load_corpus
-from handprop.models import PRESETS, preset, recipe
-from handprop.optim import clip_grad_norm
+from handprop.settings import PRESETS, preset, recipe
+from handprop.step import EagerStep
 from handprop.threads import AUTO, OnePerCount, choose_threads, step_work
-from handprop.train import loss_for, new_compiled_step, new_run, prepare
+from handprop.train import new_compiled_step, new_run, prepare
 
 TABLE = ("mlp", "wavenet", "mlp-fast", "bigram", "rnn", "gru", "transformer")  # the README's table of models
 SETTINGS = (AUTO, "1", "2")
@@ -57,28 +57,12 @@ def busy_process():
         loop.wait()
 
 
-def eager_step(run, examples):
-    """train.run_steps' step op by op, alone (no ranks): (rows, lr) -> the batch's loss."""
-    config = run.spec.train_config
-    criterion = loss_for(run.spec.model_config.form)
-
-    def step(ix, lr):
-        X, Y = examples.batch(ix)
-        loss = criterion.forward(run.model.forward(X), Y)
-        run.model.backward(criterion.backward())
-        if config.grad_clip:
-            clip_grad_norm(run.model.grads, config.grad_clip)
-        run.optimizer.step(run.model.grads, lr)
-        return loss
-    return step
-
-
 def default_step(run, examples, threads):
     """The step train takes by default for this run on these threads, and whether it is the compiled one; every
     thread count the run may take is compiled now, before any clock starts."""
     config = run.spec.train_config
     if not compile_wanted(config, compile_obstacle(config, 1, False)):
-        return eager_step(run, examples), False
+        return EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip), False
     first = threads.count
     step = OnePerCount(new_compiled_step(run, examples), lambda: new_compiled_step(run, examples), threads,
                        lambda line: print(line, file=sys.stderr))
@@ -98,7 +82,7 @@ def window(step, threads, examples, run, seconds):
     while time.perf_counter() - start < seconds:
         threads.watch(steps)
         counts.add(threads.count)
-        step(examples.draw(batch_size, run.generator), lr).item()
+        step(examples.draw(batch_size, run.generator), lr)      # the loss read on the host, as in train
         steps += 1
     return steps / (time.perf_counter() - start), counts
 

@@ -27,7 +27,8 @@ from handprop.layers import (
     walk,
 )
 from handprop.losses import SequenceCrossEntropy
-from handprop.models import build_model, preset
+from handprop.models import build_model
+from handprop.settings import preset
 
 F64 = torch.float64
 

@@ -241,18 +241,18 @@ def test_eval_of_an_unfinished_run_says_which_step_and_that_it_has_not_finished(
 
 def test_a_new_setting_is_one_field_and_every_command_it_names_takes_its_flag(monkeypatch):
     @dataclass(frozen=True)
-    class WithThreads(TrainConfig):
-        threads: str = setting("auto", "threads of the tensor library", choices=("auto", "1", "2"),
-                               flags=("--threads",), commands=("train", "eval", "sample", "check", "grade"),
+    class WithThreads(TrainConfig):      # a setting like --threads, under another name
+        workers: str = setting("auto", "workers of the tensor library", choices=("auto", "1", "2"),
+                               flags=("--workers",), commands=("train", "eval", "sample", "check", "grade"),
                                resumable=True)
 
     monkeypatch.setattr(cli, "TrainConfig", WithThreads)       # as if TrainConfig had the field
     monkeypatch.setattr(cli, "recipe", lambda name: WithThreads(**asdict(recipe(name))))
     parser = cli.build_parser()
     for argv in (["train"], ["eval"], ["sample"], ["check"], ["grade", "mine.py"]):
-        assert parser.parse_args([*argv, "--threads", "2"]).threads == "2"
-        assert parser.parse_args(argv).threads is None         # not given: the field's default applies
+        assert parser.parse_args([*argv, "--workers", "2"]).workers == "2"
+        assert parser.parse_args(argv).workers is None         # not given: the field's default applies
     with pytest.raises(SystemExit):
-        parser.parse_args(["diagnose", "--threads", "2"])
-    assert cli.overrides(parser.parse_args(["train", "--threads", "1"]), "cpu").train_settings["threads"] == "1"
-    assert "threads" not in cli.overrides(parser.parse_args(["train"]), "cpu").train_settings
+        parser.parse_args(["diagnose", "--workers", "2"])
+    assert cli.overrides(parser.parse_args(["train", "--workers", "1"]), "cpu").train_settings["workers"] == "1"
+    assert "workers" not in cli.overrides(parser.parse_args(["train"]), "cpu").train_settings

@@ -16,7 +16,7 @@ from handprop.cli import main
 from handprop.config import TrainConfig, config_from_dict
 from handprop.data import load_corpus
 from handprop.errors import UserError
-from handprop.models import preset, recipe
+from handprop.settings import preset, recipe
 from handprop.threads import (
     AUTO,
     FREE_SHARE,
@@ -461,8 +461,8 @@ def test_a_second_graph_that_fails_to_compile_keeps_the_run_on_the_first(capsys)
 
     def fail():
         raise RuntimeError("no compiler\nmore")
-    step = OnePerCount(lambda ix, lr: ("one-thread graph", ix, lr), fail, threads, said.append)
+    step = OnePerCount(lambda rows, lr, stop: ("one-thread graph", rows, lr, stop), fail, threads, said.append)
     threads.set(2, "from step 7: the cores are free again")
-    assert step("ix", 0.1) == ("one-thread graph", "ix", 0.1)
+    assert step("rows", 0.1) == ("one-thread graph", "rows", 0.1, False)
     assert (threads.count, threads.load, torch.get_num_threads()) == (1, None, 1)
     assert said[-1] == "threads: 1 from now on: compiling the step for 2 failed (no compiler)"

@@ -26,7 +26,7 @@ from .ninja.starter import write_solution, write_starter
 from .sample import CHUNK, Sampling, stream_samples
 from .settings import DEFAULT_MODEL, PRESETS, Overrides, check_ranks, new_settings, recipe, resumed_settings
 from .stops import Interrupted
-from .threads import MOST_THREADS, parse_threads, use_threads
+from .threads import use_threads
 from .workdir import check_work_dir, saved_run
 
 
@@ -54,6 +54,18 @@ def bounded(kind, low, high):
     return parse
 
 
+def parsed(parse):
+    """An argparse type from a setting's parse function (config.setting), its ValueError as argparse's error."""
+
+    def parse_flag(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse_flag
+
+
 def add_setting(parser, cls, name, *flags, default=None):
     """A flag for the config field cls.name: its help, type, range and default text all come from the field."""
     f = next(f for f in fields(cls) if f.name == name)
@@ -62,6 +74,10 @@ def add_setting(parser, cls, name, *flags, default=None):
     if rules["choices"] is not None:
         parser.add_argument(*flags, dest=name, default=None, choices=rules["choices"],
                             help=f"{rules['help']} ({shown})")
+        return
+    if rules["parse"] is not None:
+        parser.add_argument(*flags, dest=name, default=None, type=parsed(rules["parse"]), metavar=rules["metavar"],
+                            help=f"{rules['help']} ({shown}; {rules['span']})")
         return
     kind = type(f.default)
     span = f"{format_number(rules['low'])} to {format_number(rules['high'])}"
@@ -82,21 +98,6 @@ def add_device(p):
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where the tensors live (default cpu)")
 
 
-def threads_setting(text):
-    """An argparse type: --threads auto or N."""
-    try:
-        return parse_threads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_threads(p):
-    """--threads, its help from the TrainConfig field (train records it; eval, sample, check and grade only use it)."""
-    rules = next(f for f in fields(TrainConfig) if f.name == "threads").metadata
-    p.add_argument("--threads", default=None, type=threads_setting, metavar="N|auto",
-                   help=f"{rules['help']} (default auto; 1 to {format_number(MOST_THREADS)})")
-
-
 def build_parser():
     parser = Parser(prog="handprop", description="Character-level language models with every gradient written by hand.",
                     epilog="`handprop COMMAND --help` lists a command's flags")
@@ -114,7 +115,9 @@ def build_parser():
                    "exercise 4)")
     for name, flags in flagged(TrainConfig).items():
         value = format_number(getattr(recipe(DEFAULT_MODEL), name))
-        add_setting(t, TrainConfig, name, *flags, default=f"default: the model's recipe; {DEFAULT_MODEL}'s is {value}")
+        by_recipe = len({getattr(recipe(model), name) for model in PRESETS}) > 1     # else the field's own default
+        add_setting(t, TrainConfig, name, *flags,
+                    default=f"default: the model's recipe; {DEFAULT_MODEL}'s is {value}" if by_recipe else None)
     for name, flags in flagged(ModelConfig).items():
         add_setting(t, ModelConfig, name, *flags, default="default: the model's")
     t.add_argument("--no-batchnorm", action="store_true", help="leave out every BatchNorm1d")
@@ -192,8 +195,6 @@ def build_parser():
     d.add_argument("-o", "--work-dir", default="out", help="the run's directory, where they are written (default out)")
     add_device(d)
     d.set_defaults(run=run_diagnose)
-    for command in ("train", "sample", "eval", "check", "grade"):
-        add_threads(sub.choices[command])
     for command, p in sub.choices.items():  # the settings other commands take too: each field names its commands
         if command != "train":
             for name, flags in flagged(TrainConfig, command).items():
@@ -213,7 +214,7 @@ def overrides(args, device):
     model["batchnorm"] = False if args.no_batchnorm else None
     model["lookup_tables"] = True if args.lookup_tables else None
     model["bessel"] = None if args.bn_variance is None else args.bn_variance == "bessel"
-    train = {name: getattr(args, name) for name in flagged(TrainConfig)} | {"device": device, "threads": args.threads}
+    train = {name: getattr(args, name) for name in flagged(TrainConfig)} | {"device": device}
     train |= {"diagnostics_every": args.diagnostics_every, "tensorboard": args.tensorboard or None}
     return Overrides(args.model, {k: v for k, v in model.items() if v is not None},
                      {k: v for k, v in train.items() if v is not None}, args.diagnostics)

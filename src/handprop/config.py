@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import UserError
-from .threads import AUTO, parse_threads
+from .threads import AUTO, MOST_THREADS, parse_threads
 
 WINDOW_KINDS = ("mlp", "wavenet")                           # read block_size characters, predict the next
 SEQUENCE_KINDS = ("bigram", "rnn", "gru", "transformer")    # read a whole item, predict every next character
@@ -22,11 +22,14 @@ COMPILE_MODES = ("auto", "on", "off")
 AUTO_COMPILE_STEPS = 10_000     # --compile auto compiles runs this long or longer: compiling takes 5-60 s, once
 
 
-def setting(default, help, low=None, high=None, choices=None, flags=(), commands=("train",), resumable=False):
-    """A config field: its help text, the values it may take (a range, or choices), the flags that set it (none:
-    set another way, or not by the user) and the commands that take them, and whether a resumed run may change it."""
+def setting(default, help, low=None, high=None, choices=None, flags=(), commands=("train",), resumable=False,
+            parse=None, metavar=None, span=None):
+    """A config field: its help text, the values it may take (a range, choices, or a parse function that returns the
+    value or raises ValueError, shown as metavar, with span saying what it takes), the flags that set it (none: set
+    another way, or not by the user) and the commands that take them, and whether a resumed run may change it."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices,
-                                            "flags": flags, "commands": commands, "resumable": resumable})
+                                            "flags": flags, "commands": commands, "resumable": resumable,
+                                            "parse": parse, "metavar": metavar, "span": span})
 
 
 def flagged(cls, command="train"):
@@ -94,7 +97,8 @@ class TrainConfig:
                               flags=("--save-every",), resumable=True)
     threads: str = setting(AUTO, "threads for tensor operations: N, or auto: 1, or more for a step with the work for "
                            "them while other processes leave the cores free (docs/performance.md, Threads)",
-                           resumable=True)      # its flag is cli.add_threads: N or auto, on every command
+                           flags=("--threads",), commands=("train", "sample", "eval", "check", "grade"),
+                           resumable=True, parse=parse_threads, metavar="N|auto", span=f"1 to {MOST_THREADS:,}")
     diagnostics_every: int = setting(0, "steps between recorded statistics; 0 records none", 0, 10**9, resumable=True)
     tensorboard: bool = setting(False, "also log the recorded statistics as TensorBoard events", resumable=True)
 
@@ -108,6 +112,11 @@ def check_field(config, f):
         raise UserError(f"{name} must be a {kind.__name__}, got {value!r}")
     if rules["choices"] is not None and value not in rules["choices"]:
         raise UserError(f"{name} must be one of {', '.join(rules['choices'])}, got {value!r}")
+    if rules["parse"] is not None:
+        try:
+            rules["parse"](value)
+        except ValueError as e:
+            raise UserError(f"{name}: {e}") from None
     if rules["low"] is not None and not (math.isfinite(value) and rules["low"] <= value <= rules["high"]):
         raise UserError(f"{name} must be between {format_number(rules['low'])} and {format_number(rules['high'])}, "
                         f"got {value}")
@@ -153,10 +162,6 @@ def validate_train(config, model_config):
     """Every field in range, and the settings that would silently do nothing or break; returns config."""
     for f in fields(config):
         check_field(config, f)
-    try:
-        parse_threads(config.threads)
-    except ValueError as e:
-        raise UserError(f"threads: {e}") from None
     if config.weight_decay and config.optimizer != "adamw":
         raise UserError(f"weight decay is applied by adamw only; with {config.optimizer} it would do nothing "
                         "(add --optimizer adamw, or -w 0)")

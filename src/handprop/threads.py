@@ -118,9 +118,11 @@ def forward_work(model, X):
 
 
 def step_work(model, examples, batch_size):
-    """Multiply-adds of the matrix products in one training step: a forward pass over a batch, and the backward
-    pass's two products for each of its (dX = dY W^T, dW = X^T dY)."""
-    X, _ = examples.batch(torch.zeros(batch_size, dtype=torch.long, device=examples.stream.device))  # any rows
+    """Multiply-adds of the matrix products in one training step: a forward pass over a batch as wide as the split's
+    widest (every batch of the compiled step), and the backward pass's two products for each of its
+    (dX = dY W^T, dW = X^T dY)."""
+    rows = torch.zeros(batch_size, dtype=torch.long, device=examples.stream.device)     # any rows, padded to the width
+    X, _ = examples.batch(rows, padded_to=examples.width)
     return 3 * forward_work(model, X)
 
 
@@ -331,10 +333,11 @@ class OnePerCount:
         self.graphs = {threads.count: first}
         self.build, self.threads, self.say = build, threads, say
 
-    def __call__(self, ix, lr):
+    def __call__(self, rows, lr, stop=False):
+        """step.EagerStep's call, on the graph compiled for the threads torch runs on now."""
         if self.threads.count not in self.graphs:
             self.compile(self.threads.count)
-        return self.graphs[self.threads.count](ix, lr)
+        return self.graphs[self.threads.count](rows, lr, stop)
 
     def compile(self, count):
         """Compile the step for count threads; if that fails, the run keeps a count it has a graph for."""
