@@ -425,7 +425,10 @@ def test_every_notebook_starter_runs_in_one_jupyter_kernel(tmp_path):
         notebook = nbformat.read(path, as_version=4)
         nbformat.validate(notebook)
         assert notebook.cells[0].cell_type == "markdown" and EXERCISES[name].page in notebook.cells[0].source
-        cells += [nbformat.v4.new_code_cell("%reset -f")] + notebook.cells
+        for cell in notebook.cells:     # each notebook numbers its own cells: their ids repeat across notebooks
+            cell.id = f"{name}-{cell.id}"
+        cells += [nbformat.v4.new_code_cell("%reset -f", id=f"{name}-reset")] + notebook.cells
+    assert len({cell.id for cell in cells}) == len(cells)
     combined = nbformat.v4.new_notebook(cells=cells)
     NotebookClient(combined, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
                    ).execute()
