@@ -439,12 +439,14 @@ def test_every_notebook_starter_runs_in_one_jupyter_kernel(tmp_path):
         assert f"gradients: {len(exercise.gradients)} missing -- nothing written yet" in printed
 
 
-def pitfalls():
-    return [pytest.param(name, i, id=f"{name}-d{p.gradient}-{i}")
-            for name, e in EXERCISES.items() for i, p in enumerate(e.pitfalls)]
+def every(field, label):
+    """Test parameters (exercise name, index) for each entry of every exercise's field ('pitfalls', ...), with ids
+    '<exercise>-<label of the entry>-<index>'."""
+    return [pytest.param(name, i, id=f"{name}-{label(entry)}-{i}")
+            for name, e in EXERCISES.items() for i, entry in enumerate(getattr(e, field))]
 
 
-@pytest.mark.parametrize(("name", "index"), pitfalls())
+@pytest.mark.parametrize(("name", "index"), every("pitfalls", lambda pitfall: "d" + pitfall.gradient))
 def test_each_pitfall_is_wrong_on_its_row_with_its_hint(name, index, tmp_path):
     exercise = EXERCISES[name]
     known = exercise.pitfalls[index]
@@ -480,12 +482,7 @@ def test_no_hint_is_shown_on_the_right_solution(name, solutions):
     assert not [(r.label, h) for r in result.rows for h in hints if h in r.message]
 
 
-def forward_slips():
-    return [pytest.param(name, i, id=f"{name}-{s.name}-{i}")
-            for name, e in EXERCISES.items() for i, s in enumerate(e.forward_slips)]
-
-
-@pytest.mark.parametrize(("name", "index"), forward_slips())
+@pytest.mark.parametrize(("name", "index"), every("forward_slips", lambda slip: slip.name))
 def test_each_forward_slip_is_wrong_on_its_row_with_its_hint(name, index, tmp_path):
     exercise = EXERCISES[name]
     slip = exercise.forward_slips[index]
