@@ -264,7 +264,7 @@ def test_every_pitfall_runs_and_is_wrong_and_apart_from_its_gradients_other_slip
         assert pitfall.gradient in exercise.gradients and pitfall.hint and "\n" not in pitfall.hint, pitfall
         target = "d" + pitfall.gradient
         assert target in assigned_names(pitfall.slip), pitfall.slip
-        scope = values | {"d" + gradient: value.clone() for gradient, value in right.items()}
+        scope = {k: v.clone() for k, v in (values | {"d" + g: value for g, value in right.items()}).items()}
         wrong = run_code(pitfall.slip, scope, constants, f"<{name} slip>")[target]
         broken = rules_broken(wrong, right[pitfall.gradient], pitfall.hint)
         broken += [f"within {SLIP_APART} of the slip {other!r}" for other, value in slipped.get(target, [])
