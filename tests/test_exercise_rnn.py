@@ -1,81 +1,23 @@
-"""The `rnn` exercise: its data (exercise_checks.py), and its solution equal to handprop's Recurrent(RNNCell) layer."""
+"""The `rnn` exercise beyond what every exercise keeps (test_exercises.py): its padding, and its solution equal to
+handprop's Recurrent(RNNCell) layer."""
 
-import torch
-from exercise_checks import (
-    check_forward_shapes_and_finite,
-    check_forward_slips,
-    check_gradient_order,
-    check_pitfalls,
-    check_runs_as_a_float32_script,
-    check_setup_seeded_float32_nontrivial,
-    check_solution_matches_autograd,
-    check_solution_writes,
-    relative,
-    solved,
-)
+from exercise_checks import recurrent_layers, relative, solved
 
-from handprop.layers import Embedding, Linear, Recurrent, RNNCell
-from handprop.losses import SequenceCrossEntropy
-from handprop.ninja.exercises.rnn import EXERCISE, T
+from handprop.layers import RNNCell
+from handprop.ninja.exercises.rnn import EXERCISE
 
 
-def test_solution_matches_autograd():
-    check_solution_matches_autograd(EXERCISE)
-
-
-def test_forward_is_finite_with_the_shapes_its_comments_say():
-    check_forward_shapes_and_finite(EXERCISE)
-
-
-def test_setup_forward_and_solution_run_as_a_float32_script():
-    check_runs_as_a_float32_script(EXERCISE)
-
-
-def test_setup_is_seeded_float32_and_nontrivial():
-    check_setup_seeded_float32_nontrivial(EXERCISE)
-
-
-def test_every_pitfall_is_a_real_slip():
-    check_pitfalls(EXERCISE)
-
-
-def test_every_forward_slip_is_wrong():
-    check_forward_slips(EXERCISE)
-
-
-def test_gradients_come_after_their_readers():
-    check_gradient_order(EXERCISE)
-
-
-def test_solution_writes_in_order_and_adds_only_where_a_tensor_fans_out():
-    check_solution_writes(EXERCISE)
-
-
-def test_the_batch_has_padding_and_repeated_lookups():
-    """What the pitfalls need to show: ignored targets (the mean's count) and rows of C looked up more than once."""
-    tensors, constants, _, _ = solved(EXERCISE)
-    Xb, Yb = tensors["Xb"], tensors["Yb"]
-    assert Xb.shape == (constants["B"], T) and 0 < (Yb == -1).sum() < Yb.numel()
-    assert torch.bincount(Xb.view(-1)).max() > 1
+def test_the_batch_has_padding():
+    """What the cross-entropy's pitfall needs to show: ignored targets, so the mean's count is not B * T."""
+    tensors, _, _, _ = solved(EXERCISE)
+    assert 0 < (tensors["Yb"] == -1).sum() < tensors["Yb"].numel()
 
 
 def test_solution_equals_the_recurrent_layer():
     """The same numbers through Embedding, Recurrent(RNNCell), Linear and SequenceCrossEntropy, forward and back."""
     tensors, _, values, mine = solved(EXERCISE)
-    embedding, head = Embedding(tensors["C"]), Linear(tensors["Wout"], tensors["bout"])
-    recurrent = Recurrent(RNNCell(tensors["Wxh"], tensors["bh"]), tensors["start"][0])
-    loss_fn = SequenceCrossEntropy()
-    hs = recurrent.forward(embedding.forward(tensors["Xb"]))        # (B, T, n_hidden)
-    loss = loss_fn.forward(head.forward(hs), tensors["Yb"])
+    hs, loss, recurrent, gradients = recurrent_layers(tensors, RNNCell(tensors["Wxh"], tensors["bh"]))
     assert relative(hs, values["hs"]) < 1e-12 and relative(loss, values["loss"]) < 1e-12
-    dlogits = loss_fn.backward()
-    dhs = head.backward(dlogits)
-    demb = recurrent.backward(dhs)
-    embedding.backward(demb)
-    layers = {
-        "dlogits": dlogits, "dhs": dhs, "demb": demb, "dC": embedding.grads["weight"],
-        "dWout": head.grads["weight"], "dbout": head.grads["bias"], "dWxh": recurrent.grads["cell.weight"],
-        "dbh": recurrent.grads["cell.bias"], "dstart": recurrent.grads["h0"][None],
-    }
-    for name, layer_grad in layers.items():
+    gradients |= {"dWxh": recurrent.grads["cell.weight"], "dbh": recurrent.grads["cell.bias"]}
+    for name, layer_grad in gradients.items():
         assert relative(mine[name], layer_grad) < 1e-12, name

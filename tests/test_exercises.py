@@ -1,9 +1,14 @@
-"""Every exercise of the registry, graded by the engine: a new exercise is covered the moment it is registered.
+"""Every exercise of the registry, its data checked and graded by the engine: a new exercise is covered the moment
+it is registered (tests/test_exercise_<name>.py hold only what one exercise has of its own).
 
-Its worked solution matches autograd and grades all ok; its starters run (a script, and a notebook in a
-real Jupyter kernel) with every gradient missing; each pitfall and forward slip is flagged on its own row
-with its hint, never on the right solution; and every gradient assignment of the solution, mutated, is
-caught on its own row. Grading runs in-process, on files written the way a learner's are.
+Its data: the worked solution (and its step-by-step part) matches autograd in float64 and, run as a float32
+file, stays within the grader's tolerance; the forward is finite with the shapes its comments say; the setup
+is seeded with float32, non-trivial parameters; gradients come in an order a backward can follow and the
+solution writes them so; every slip is wrong and apart from the others; lookups repeat an index; the
+derivation page shows exactly the exercise's code. Graded: the solution grades all ok; its starters run (a
+script, and a notebook in a real Jupyter kernel) with every gradient missing; each pitfall and forward slip
+is flagged on its own row with its hint, never on the right solution; and every gradient assignment of the
+solution, mutated, is caught on its own row. Grading runs in-process, on files written the way a learner's are.
 """
 
 import ast
@@ -11,16 +16,34 @@ import io
 import re
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import nbformat
 import pytest
+import torch
+from exercise_checks import lines_in, relative, solved
 from nbclient import NotebookClient
 
 from handprop.cli import main
-from handprop.ninja.exercise import check_solution
+from handprop.ninja.exercise import (
+    MODULES,
+    check_solution,
+    forward,
+    parse_forward,
+    reference_gradients,
+    run_code,
+    run_setup,
+)
 from handprop.ninja.exercises import EXERCISES
-from handprop.ninja.grade import grade_script
+from handprop.ninja.grade import RTOL, grade_script
 from handprop.ninja.starter import solution_source
+
+SOLUTION_RTOL = 1e-12   # a worked solution: max |solution - autograd| in float64, relative to the gradient's scale
+FLOAT32_RTOL = 1e-5     # the solution run as a learner's float32 file, against autograd in float32
+SLIP_APART = 1e-3       # a slip differs from the right value, and from its gradient's other slips, by more (relative)
+PITFALLS_AT_LEAST = {"attention": 10, "transformer-block": 10}     # the others have at least 4
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 # mutants that leave the graded value as it was (within the grader's tolerance), each with why: reviewed by hand.
 # The mutation test fails when a mutant survives that is not listed here, and when a listed one is caught.
@@ -54,8 +77,241 @@ EQUIVALENT = {
     },
 }
 
+# slips that break a rule every other slip keeps, each with why: reviewed by hand. The slip tests fail when a slip
+# breaks a rule and is not listed here, and when a listed one breaks none.
+REVIEWED_SLIPS = {
+    ("mlp", "dbnvar = -0.5 * bnvar**-1.5 * dbnvar_inv  # no eps\n"):
+        "the lecture's forgotten eps moves dbnvar by 4e-5 of its scale, not 1e-3: four times the grader's RTOL, and "
+        "test_grade tells it apart from the right formula",
+    ("mlp", "hprebn - bnmeani * bnvar_inv"):
+        "the lecture's precedence slip reads hprebn and bnmeani, what bnraw's input bndiff was computed from",
+}
+
 REDUCTIONS = {"sum", "mean", "max", "min", "amax", "amin", "prod", "var", "std", "logsumexp", "norm"}
 
+
+# ---- the exercise's data, checked in float64 before any grader reads it ----
+
+def readers(exercise):
+    """{tensor: the forward steps that read it}."""
+    found = {}
+    for name, step in exercise.steps().items():
+        for read in step.inputs:
+            found.setdefault(read, []).append(name)
+    return found
+
+
+def step_by_step(exercise):
+    """The solution before its one-step formulas (all of it when the exercise has none)."""
+    formulas = "".join(f"\n# {fused.title}\n{fused.code}" for fused in exercise.fused)
+    assert exercise.solution_code.endswith(formulas)
+    return exercise.solution_code[: len(exercise.solution_code) - len(formulas)]
+
+
+def declared_shapes(exercise, constants):
+    """{name: shape} as each forward line's comment writes it: `# (B, T, n_embd) ...`, `# (4, 5, 12): ...`, `# ()`,
+    or `# scalar ...`."""
+    shapes = {}
+    for line in exercise.forward_code.splitlines():
+        found = re.fullmatch(r"(\w+) = .*?\s#\s*(scalar|\([^)]*\)).*", line)
+        assert found, f"no shape comment: {line}"
+        name, comment = found.groups()
+        declared = eval("()" if comment == "scalar" else comment, {}, dict(constants))
+        shapes[name] = declared if isinstance(declared, tuple) else (declared,)
+    return shapes
+
+
+def setup_namespace(exercise):
+    """What setup_code defines, as it defines it (float32, no cast)."""
+    namespace = dict(MODULES)
+    exec(compile(exercise.setup_code, f"<{exercise.name} setup>", "exec"), namespace)
+    return namespace
+
+
+def assigned_names(code):
+    """The names code assigns or augments (dC in `dC = ...`, `dC[ix] += ...` and `dC += ...`)."""
+    targets = [t for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Assign | ast.AugAssign)
+               for t in ([node.target] if isinstance(node, ast.AugAssign) else node.targets)]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
+
+
+def rules_broken(wrong, right, hint):
+    """The rules a slip's value breaks: it has another shape, which its hint names, or it is more than SLIP_APART from
+    the right value (and always more than the grader's RTOL, or no grader could tell it)."""
+    if wrong.shape != right.shape:
+        assert str(tuple(right.shape)) in hint, (tuple(wrong.shape), hint)
+        return []
+    apart = relative(wrong, right)
+    assert apart > RTOL, hint
+    return [] if apart > SLIP_APART else [f"only {apart:.1e} from the right value"]
+
+
+def lookups(exercise):
+    """The forward's table lookups by a batch of indices, [(table, index)]: emb = C[Xb] is ('C', 'Xb')."""
+    found = (re.fullmatch(r"(\w+)\[(\w+)\]", step.source) for step in exercise.steps().values())
+    return [match.groups() for match in found if match]
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_the_solution_matches_autograd_in_float64(name):
+    """The worked solution, and its step-by-step part alone: before a one-step formula writes a gradient again."""
+    exercise = EXERCISES[name]
+    for code in dict.fromkeys([exercise.solution_code, step_by_step(exercise)]):
+        rows = check_solution(replace(exercise, solution_code=code))
+        assert [r[0] for r in rows] == ["d" + g for g in exercise.gradients]
+        assert all(relative <= SOLUTION_RTOL for _, _, relative in rows), rows
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_the_solution_run_as_a_float32_file_is_within_the_graders_tolerance(name):
+    """Setup, forward and solution top to bottom in one namespace, in float32 as a learner's file runs: every gradient
+    is float32, within FLOAT32_RTOL of autograd in float32, and within the grader's RTOL of autograd in float64 (scaled
+    as the grader scales: by the largest of the gradient and those of the steps that read its tensor)."""
+    exercise = EXERCISES[name]
+    namespace = dict(MODULES)
+    source = exercise.setup_code + exercise.forward_code + exercise.solution_code
+    exec(compile(source, f"<{name} as a script>", "exec"), namespace)
+    tensors, constants = run_setup(exercise, torch.float32)
+    expected32 = reference_gradients(exercise, tensors, constants)
+    expected = reference_gradients(exercise, {k: v.double() if v.is_floating_point() else v
+                                              for k, v in tensors.items()}, constants)
+    reading = readers(exercise)
+    for gradient in exercise.gradients:
+        mine = namespace["d" + gradient]
+        assert mine.dtype == torch.float32, gradient
+        assert relative(mine, expected32[gradient]) < FLOAT32_RTOL, gradient
+        scale = max(expected[n].abs().max().item() for n in [gradient, *reading.get(gradient, [])] if n in expected)
+        assert (mine.double() - expected[gradient]).abs().max().item() <= RTOL * scale, gradient
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_the_forward_is_finite_with_the_shapes_its_comments_say(name):
+    exercise = EXERCISES[name]
+    _, constants, values, _ = solved(exercise)
+    shapes = declared_shapes(exercise, constants)
+    assert list(shapes) == list(exercise.steps())
+    for step, shape in shapes.items():
+        assert tuple(values[step].shape) == shape, (step, tuple(values[step].shape), shape)
+        assert torch.isfinite(values[step]).all(), step
+    assert values["loss"].ndim == 0
+    tensors32, _ = run_setup(exercise, torch.float32)
+    assert torch.isfinite(forward(exercise, tensors32, constants)["loss"])
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_the_setup_is_seeded_and_its_parameters_float32_and_not_trivial(name):
+    exercise = EXERCISES[name]
+    first, second = setup_namespace(exercise), setup_namespace(exercise)
+    tensors = [k for k, v in first.items() if isinstance(v, torch.Tensor)]
+    assert set(exercise.parameters) <= set(tensors)
+    for tensor in tensors:
+        assert torch.equal(first[tensor], second[tensor]), tensor
+    for constant in exercise.constants:
+        assert isinstance(first[constant], int | float) and first[constant] == second[constant], constant
+    for parameter in exercise.parameters:
+        p = first[parameter]
+        assert p.dtype == torch.float32, parameter
+        # no entry 0 or 1 (a zero bias or a unit gain hides a wrong backward), and a spread: not a constant tensor
+        assert (p != 0).all() and (p != 1).all() and p.numel() > 1 and p.std() > 0.01, parameter
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_each_gradient_comes_after_every_step_that_reads_its_tensor(name):
+    """gradients lists every parameter and every intermediate but the loss, once, in an order a backward can follow."""
+    exercise = EXERCISES[name]
+    position = {gradient: i for i, gradient in enumerate(exercise.gradients)}
+    assert len(position) == len(exercise.gradients)
+    assert set(position) == (set(exercise.steps()) - {"loss"}) | set(exercise.parameters)
+    for tensor, reading in readers(exercise).items():
+        for reader in reading:
+            if tensor in position and reader in position:
+                assert position[reader] < position[tensor], f"d{tensor} comes before d{reader}, which it needs"
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_the_solution_writes_in_that_order_and_adds_only_where_a_tensor_fans_out(name):
+    """Step by step, the last write of each gradient follows exercise.gradients; `+=` adds a second path to a tensor
+    read by more than one step; every in-place change (`dlogits /= n`, `dlogprobs[...] = ...`) is to a gradient
+    written before."""
+    exercise = EXERCISES[name]
+    fan_out = {tensor for tensor, reading in readers(exercise).items() if len(reading) > 1}
+    last_write, assigned = {}, set()
+    for i, node in enumerate(ast.parse(step_by_step(exercise)).body):
+        (target,) = [node.target] if isinstance(node, ast.AugAssign) else node.targets
+        in_place = isinstance(node, ast.AugAssign) or not isinstance(target, ast.Name)
+        while not isinstance(target, ast.Name):
+            target = target.value
+        if in_place:
+            assert target.id in assigned, ast.unparse(node)
+        assigned.add(target.id)
+        if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
+            assert target.id[1:] in fan_out, ast.unparse(node)
+        last_write[target.id] = i
+    written = sorted((n for n in last_write if n.startswith("d") and n[1:] in exercise.gradients), key=last_write.get)
+    assert written == ["d" + gradient for gradient in exercise.gradients]
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_every_pitfall_runs_and_is_wrong_and_apart_from_its_gradients_other_slips(name):
+    """Each slip assigns its gradient and runs on the solved values; it is wrong (rules_broken) and more than
+    SLIP_APART from every other slip of its gradient, so the hint shown is the one that explains it."""
+    exercise = EXERCISES[name]
+    assert len(exercise.pitfalls) >= PITFALLS_AT_LEAST.get(name, 4)
+    _, constants, values, solution = solved(exercise)
+    right = {gradient: solution["d" + gradient] for gradient in exercise.gradients}
+    slipped = {}
+    for pitfall in exercise.pitfalls:
+        assert pitfall.gradient in exercise.gradients and pitfall.hint and "\n" not in pitfall.hint, pitfall
+        target = "d" + pitfall.gradient
+        assert target in assigned_names(pitfall.slip), pitfall.slip
+        scope = {k: v.clone() for k, v in (values | {"d" + g: value for g, value in right.items()}).items()}
+        wrong = run_code(pitfall.slip, scope, constants, f"<{name} slip>")[target]
+        broken = rules_broken(wrong, right[pitfall.gradient], pitfall.hint)
+        broken += [f"within {SLIP_APART} of the slip {other!r}" for other, value in slipped.get(target, [])
+                   if value.shape == wrong.shape and not relative(wrong, value) > SLIP_APART]
+        assert bool(broken) == ((name, pitfall.slip) in REVIEWED_SLIPS), (pitfall.slip, broken)
+        slipped.setdefault(target, []).append((pitfall.slip, wrong))
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_every_forward_slip_is_wrong_and_reads_only_its_steps_inputs(name):
+    exercise = EXERCISES[name]
+    _, constants, values, _ = solved(exercise)
+    steps = exercise.steps()
+    for slip in exercise.forward_slips:
+        assert slip.name in steps and slip.hint and "\n" not in slip.hint, slip
+        (step,) = parse_forward(f"{slip.name} = {slip.slip}", exercise.constants).values()
+        broken = rules_broken(step(values, constants), values[slip.name], slip.hint)
+        others = set(step.inputs) - set(steps[slip.name].inputs)
+        broken += [f"reads {sorted(others)}, which its step does not"] if others else []
+        assert bool(broken) == ((name, slip.slip) in REVIEWED_SLIPS), (slip.slip, broken)
+
+
+@pytest.mark.parametrize("name", [name for name, exercise in EXERCISES.items() if lookups(exercise)])
+def test_every_lookup_repeats_an_index(name):
+    """A table looked up by a batch of indices (emb = C[Xb]) gets some row's gradient from several positions, so on
+    these numbers `dC[Xb] += demb`, which keeps one of them, is wrong: a scatter-add (index_add_) is needed."""
+    tensors, _ = run_setup(EXERCISES[name])
+    for table, index in lookups(EXERCISES[name]):
+        assert torch.bincount(tensors[index].view(-1)).max() > 1, (table, index)
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_the_derivation_page_shows_exactly_the_exercises_code_where_it_shows_code(name):
+    """The page's python blocks, if it has any, hold every line of the forward and of the solution and no other code
+    (comments aside): the page derives exactly the code the learner gets."""
+    exercise = EXERCISES[name]
+    page = DOCS / exercise.page
+    blocks = PYTHON_BLOCK.findall(page.read_text()) if page.is_file() else []
+    shown = {line.strip() for block in blocks for line in block.splitlines()}
+    code = {line.strip() for line in (exercise.forward_code + exercise.solution_code).splitlines()}
+    code = {line for line in code if line and not line.startswith("#")}
+    assert not shown or not code - shown, f"not on the page: {sorted(code - shown)}"
+    extra = {line for line in shown - code if line and not line.startswith("#")}
+    assert not extra, f"on the page only: {sorted(extra)}"
+
+
+# ---- the exercise graded ----
 
 def quiet_grade(path):
     return grade_script(path, io.StringIO())
@@ -71,11 +327,6 @@ def first_line(exercise, solution_code):
     text = script(exercise, solution_code)
     return text[: text.index(solution_code)].count("\n") + 1
 
-
-def lines_in(where):
-    """The line numbers a row's where ('line 7', 'lines 7-9') covers."""
-    first, last = re.fullmatch(r"(?:cell \d+, )?lines? (\d+)(?:-(\d+))?", where).groups()
-    return range(int(first), int(last or first) + 1)
 
 
 def written_gradient(node, exercise):
@@ -135,11 +386,6 @@ def solutions(tmp_path_factory):
     return graded
 
 
-@pytest.mark.parametrize("name", EXERCISES)
-def test_the_solution_matches_autograd_in_float64(name):
-    rows = check_solution(EXERCISES[name])
-    assert [r[0] for r in rows] == ["d" + g for g in EXERCISES[name].gradients]
-    assert all(relative <= 1e-12 for _, _, relative in rows), rows
 
 
 @pytest.mark.parametrize("name", EXERCISES)
@@ -179,7 +425,10 @@ def test_every_notebook_starter_runs_in_one_jupyter_kernel(tmp_path):
         notebook = nbformat.read(path, as_version=4)
         nbformat.validate(notebook)
         assert notebook.cells[0].cell_type == "markdown" and EXERCISES[name].page in notebook.cells[0].source
-        cells += [nbformat.v4.new_code_cell("%reset -f")] + notebook.cells
+        for cell in notebook.cells:     # each notebook numbers its own cells: their ids repeat across notebooks
+            cell.id = f"{name}-{cell.id}"
+        cells += [nbformat.v4.new_code_cell("%reset -f", id=f"{name}-reset")] + notebook.cells
+    assert len({cell.id for cell in cells}) == len(cells)
     combined = nbformat.v4.new_notebook(cells=cells)
     NotebookClient(combined, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
                    ).execute()
@@ -190,12 +439,14 @@ def test_every_notebook_starter_runs_in_one_jupyter_kernel(tmp_path):
         assert f"gradients: {len(exercise.gradients)} missing -- nothing written yet" in printed
 
 
-def pitfalls():
-    return [pytest.param(name, i, id=f"{name}-d{p.gradient}-{i}")
-            for name, e in EXERCISES.items() for i, p in enumerate(e.pitfalls)]
+def every(field, label):
+    """Test parameters (exercise name, index) for each entry of every exercise's field ('pitfalls', ...), with ids
+    '<exercise>-<label of the entry>-<index>'."""
+    return [pytest.param(name, i, id=f"{name}-{label(entry)}-{i}")
+            for name, e in EXERCISES.items() for i, entry in enumerate(getattr(e, field))]
 
 
-@pytest.mark.parametrize(("name", "index"), pitfalls())
+@pytest.mark.parametrize(("name", "index"), every("pitfalls", lambda pitfall: "d" + pitfall.gradient))
 def test_each_pitfall_is_wrong_on_its_row_with_its_hint(name, index, tmp_path):
     exercise = EXERCISES[name]
     known = exercise.pitfalls[index]
@@ -231,12 +482,7 @@ def test_no_hint_is_shown_on_the_right_solution(name, solutions):
     assert not [(r.label, h) for r in result.rows for h in hints if h in r.message]
 
 
-def forward_slips():
-    return [pytest.param(name, i, id=f"{name}-{s.name}-{i}")
-            for name, e in EXERCISES.items() for i, s in enumerate(e.forward_slips)]
-
-
-@pytest.mark.parametrize(("name", "index"), forward_slips())
+@pytest.mark.parametrize(("name", "index"), every("forward_slips", lambda slip: slip.name))
 def test_each_forward_slip_is_wrong_on_its_row_with_its_hint(name, index, tmp_path):
     exercise = EXERCISES[name]
     slip = exercise.forward_slips[index]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from exercise_checks import lines_in
 
 from handprop.cli import main
 from handprop.errors import UserError
@@ -120,11 +121,6 @@ def line_of(text, path=SOLUTION):
     (number,) = [i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line]
     return number
 
-
-def lines_in(where):
-    """The line numbers a row's where ('line 7', 'lines 7-9', 'cell 3, lines 1-2') covers."""
-    first, last = re.fullmatch(r"(?:cell \d+, )?lines? (\d+)(?:-(\d+))?", where).groups()
-    return range(int(first), int(last or first) + 1)
 
 
 def quiet_grade(namespace):

@@ -5,10 +5,19 @@ hbar = tanh([x_t, hreset] @ Whbar + bhbar), z = sigmoid(xh @ Wz + bz),
 h_t = (1 - z) * h_{t-1} + z * hbar; a linear head on every step's h_t and the cross-entropy.
 The forward is unrolled, one line per intermediate and step; the state h_{t-1} reaches step t
 four ways (both gates through xh, the reset, the direct (1 - z) path), and the head a fifth.
-STEP and BACK_STEP hold one step; the exercise writes them out T times.
+STEP and BACK_STEP hold one step; through_time.py writes them out T times.
 """
 
 from ..exercise import Exercise, ForwardSlip, Pitfall
+from .through_time import (
+    COPIES_SUMMED,
+    share_lines,
+    share_pitfalls,
+    tanh_pitfalls,
+    time_steps,
+    unrolled_backward,
+    unrolled_forward,
+)
 
 T = 3   # time steps: the forward is STEP written out T times
 
@@ -102,12 +111,8 @@ SHARES = {     # each weight's share of its gradient from step {t}, in the order
     "Whbar": "xhr{t}.T @ dhbarpre{t}", "bhbar": "dhbarpre{t}.sum(0)",
     "Wz": "xh{t}.T @ dzpre{t}", "bz": "dzpre{t}.sum(0)",
 }
-FIRST_WEIGHTS = "# the weights are used at every step: this is the first of T shares\n" + "".join(
-    f"d{w} = {share}\n" for w, share in SHARES.items()
-)
-MORE_WEIGHTS = "# ... and step {t}'s share adds to the others (+=)\n" + "".join(
-    f"d{w} += {share}\n" for w, share in SHARES.items()
-)
+FIRST_WEIGHTS = "# the weights are used at every step: this is the first of T shares\n" + share_lines(SHARES, "=")
+MORE_WEIGHTS = "# ... and step {t}'s share adds to the others (+=)\n" + share_lines(SHARES, "+=")
 
 BACK_TAIL = """\
 # h0 = start expanded over the batch; it feeds step 1 the three ways a state feeds the next step; summed over the rows
@@ -122,25 +127,10 @@ dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), demb.view(-1, n_embd))
 STEP_GRADIENTS = ("h", "z", "zpre", "hbar", "hbarpre", "xhr", "hreset", "r", "rpre", "xh", "x")   # BACK_STEP's order
 
 
-def time_steps():
-    """The step numbers, from the first to the last."""
-    return range(1, T + 1)
-
-
-def forward_code():
-    """The forward: emb and h0, STEP for each time step, then the head and the loss."""
-    body = "".join(STEP.format(t=t, s=t - 1) for t in time_steps())
-    return FORWARD_HEAD + body + FORWARD_TAIL.format(hs=", ".join(f"h{t}" for t in time_steps()))
-
-
-def solution_code():
-    """The backward, from the last step to the first: each step's state, then its cell, then its weight shares."""
-    back = BACK_HEAD
-    for t in reversed(time_steps()):
-        state = LAST_STATE if t == T else STATE + dh_sum(t) + "\n"
-        weights = FIRST_WEIGHTS if t == T else MORE_WEIGHTS
-        back += (state + BACK_STEP + weights).format(t=t, s=t - 1, n=t + 1)
-    return back + BACK_TAIL.format(dxs=", ".join(f"dx{t}" for t in time_steps()))
+def state(t):
+    """dh{t}, the state's gradient: from the head only at the last step, from the head and the next step's four
+    paths before."""
+    return LAST_STATE if t == T else STATE + dh_sum(t) + "\n"
 
 
 def state_paths(t):
@@ -160,52 +150,34 @@ def dh_sum(t, path=None, instead=None):
 
 def pitfalls():
     """The slips of the GRU's backward through time, at every step where a learner can make them."""
-    late = [t for t in time_steps() if t < T]     # the steps whose state also feeds a later step
+    late = [t for t in time_steps(T) if t < T]    # the steps whose state also feeds a later step
     return (
-        Pitfall(
-            "start", "dstart = dh0.mean(0, keepdim=True)",
-            "start is copied to every row of h0 (expand), and the copies' gradients add: dh0.sum(0, keepdim=True); "
-            "the loss's mean is already in dlogits, and averaging the copies divides by B once more",
-        ),
-        Pitfall(
-            "bout", "dbout = dlogits.mean((0, 1))",
-            "bout is added at every position, and the positions' gradients add: dlogits.sum((0, 1)); the loss's "
-            "mean is already in dlogits, and averaging the positions divides by B * T once more",
-        ),
+        *COPIES_SUMMED,
         *(Pitfall(
             f"hbar{t}", f"dhbar{t} = (1 - z{t}) * dh{t}",
             f"z and 1 - z are swapped: h{t} = (1 - z{t}) * h{t - 1} + z{t} * hbar{t} weights the candidate by z{t} "
             "(PyTorch's nn.GRU has them the other way round; makemore's cell, this one, does not)",
-        ) for t in time_steps()),
+        ) for t in time_steps(T)),
         *(Pitfall(
             f"z{t}", f"dz{t} = (h{t - 1} - hbar{t}) * dh{t}",
             f"the sign is swapped: h{t} = (1 - z{t}) * h{t - 1} + z{t} * hbar{t}, so dh{t}/dz{t} = hbar{t} - h{t - 1} "
             "(PyTorch's nn.GRU mixes the other way round)",
-        ) for t in time_steps()),
+        ) for t in time_steps(T)),
         *(Pitfall(
-            f"zpre{t}", f"dzpre{t} = zpre{t} * (1 - zpre{t}) * dz{t}",
-            f"sigmoid's derivative is s (1 - s) with s = sigmoid(x), the output: z{t} * (1 - z{t}), not the "
-            f"pre-activation zpre{t}",
-        ) for t in time_steps()),
-        *(Pitfall(
-            f"rpre{t}", f"drpre{t} = rpre{t} * (1 - rpre{t}) * dr{t}",
-            f"sigmoid's derivative is s (1 - s) with s = sigmoid(x), the output: r{t} * (1 - r{t}), not the "
-            f"pre-activation rpre{t}",
-        ) for t in time_steps()),
-        *(Pitfall(
-            f"hbarpre{t}", f"dhbarpre{t} = (1 - hbarpre{t}**2) * dhbar{t}",
-            f"tanh's derivative is 1 - tanh(x)^2 = 1 - hbar{t}**2: square the output hbar{t}, not the "
-            f"pre-activation hbarpre{t}",
-        ) for t in time_steps()),
+            f"{gate}pre{t}", f"d{gate}pre{t} = {gate}pre{t} * (1 - {gate}pre{t}) * d{gate}{t}",
+            f"sigmoid's derivative is s (1 - s) with s = sigmoid(x), the output: {gate}{t} * (1 - {gate}{t}), not "
+            f"the pre-activation {gate}pre{t}",
+        ) for gate in ("z", "r") for t in time_steps(T)),
+        *tanh_pitfalls(T, "hbar", "hbarpre"),
         *(Pitfall(
             f"r{t}", f"dr{t} = h{t} * dhreset{t}",
             f"hreset{t} = r{t} * h{t - 1} resets the previous state h{t - 1}, not the new h{t}: dr{t} = h{t - 1} * "
             f"dhreset{t}",
-        ) for t in time_steps()),
+        ) for t in time_steps(T)),
         *(Pitfall(
             f"x{t}", f"dx{t} = dxh{t}[:, :n_embd]",
             f"x{t} is read twice, in xh{t} (both gates) and in xhr{t} (the candidate): add dxhr{t}[:, :n_embd] too",
-        ) for t in time_steps()),
+        ) for t in time_steps(T)),
         *(Pitfall(
             f"h{t}", f"dh{t} = dhs[:, {t - 1}]",
             f"h{t} also feeds step {t + 1}: backprop through time adds what step {t + 1} sends back to it, "
@@ -241,12 +213,8 @@ def pitfalls():
             f"hreset{t}", f"dhreset{t} = dxhr{t}[:, :n_hidden]",
             f"xhr{t} = [x{t}, hreset{t}] puts x first: hreset{t}'s part of dxhr{t} is its last n_hidden "
             f"columns, dxhr{t}[:, n_embd:]",
-        ) for t in time_steps()),
-        *(Pitfall(
-            w, f"d{w} = {share.format(t=t)}",
-            f"this is step {t}'s share only: {w} is used at every step, so d{w} sums every step's share; add "
-            "each with += instead of overwriting the shares before it",
-        ) for w, share in SHARES.items() for t in late),
+        ) for t in time_steps(T)),
+        *share_pitfalls(T, SHARES),
     )
 
 
@@ -254,20 +222,20 @@ EXERCISE = Exercise(
     name="gru",
     summary="makemore's GRU over T steps: reset, candidate and update gates, the state's four paths back in time",
     setup_code=SETUP,
-    forward_code=forward_code(),
+    forward_code=unrolled_forward(T, FORWARD_HEAD, STEP, FORWARD_TAIL),
     parameters=("C", *SHARES, "start", "Wout", "bout"),
     gradients=(
         "logits", "hs", "Wout", "bout",
-        *(f"{name}{t}" for t in reversed(time_steps()) for name in STEP_GRADIENTS),
+        *(f"{name}{t}" for t in reversed(time_steps(T)) for name in STEP_GRADIENTS),
         *SHARES, "h0", "start", "emb", "C",
     ),
-    solution_code=solution_code(),
+    solution_code=unrolled_backward(T, BACK_HEAD, state, BACK_STEP, FIRST_WEIGHTS, MORE_WEIGHTS, BACK_TAIL),
     page="exercises/gru.md",
     pitfalls=pitfalls(),
     forward_slips=tuple(ForwardSlip(
         f"h{t}", f"z{t} * h{t - 1} + (1 - z{t}) * hbar{t}",
         f"z and 1 - z are swapped: makemore's cell keeps 1 - z of the old state, (1 - z{t}) * h{t - 1} + "
         f"z{t} * hbar{t} (PyTorch's nn.GRU has them the other way round)",
-    ) for t in time_steps()),
+    ) for t in time_steps(T)),
     constants=("B", "T", "n_embd", "n_hidden", "vocab_size"),
 )

@@ -4,10 +4,19 @@ h_t = tanh([x_t, h_{t-1}] @ Wxh + bh) from a learned start state, a linear head 
 step's h_t, and the cross-entropy over the positions that are not padding. The forward is
 unrolled, one line per intermediate and step, so every step's gradients have names: dh3 is
 the gradient of the state after step 3, carried back from the head and from step 4.
-STEP and BACK_STEP hold one step; the exercise writes them out T times.
+STEP and BACK_STEP hold one step; through_time.py writes them out T times.
 """
 
 from ..exercise import Exercise, ForwardSlip, Pitfall
+from .through_time import (
+    COPIES_SUMMED,
+    share_lines,
+    share_pitfalls,
+    tanh_pitfalls,
+    time_steps,
+    unrolled_backward,
+    unrolled_forward,
+)
 
 T = 4   # time steps: the forward is STEP written out T times
 
@@ -75,12 +84,8 @@ dx{t} = dxh{t}[:, :n_embd]
 """
 
 SHARES = {"Wxh": "xh{t}.T @ dhpre{t}", "bh": "dhpre{t}.sum(0)"}     # each weight's share from step {t}
-FIRST_WEIGHTS = "# Wxh and bh are used at every step: this is the first of T shares\n" + "".join(
-    f"d{w} = {share}\n" for w, share in SHARES.items()
-)
-MORE_WEIGHTS = "# ... and step {t}'s share adds to the others (+=)\n" + "".join(
-    f"d{w} += {share}\n" for w, share in SHARES.items()
-)
+FIRST_WEIGHTS = "# Wxh and bh are used at every step: this is the first of T shares\n" + share_lines(SHARES, "=")
+MORE_WEIGHTS = "# ... and step {t}'s share adds to the others (+=)\n" + share_lines(SHARES, "+=")
 
 BACK_TAIL = """\
 # h0 = start expanded over the batch: what step 1 sends back to its state, summed over the rows
@@ -93,41 +98,16 @@ dC = torch.zeros_like(C).index_add_(0, Xb.view(-1), demb.view(-1, n_embd))
 """
 
 
-def time_steps():
-    """The step numbers, from the first to the last."""
-    return range(1, T + 1)
-
-
-def forward_code():
-    """The forward: emb and h0, STEP for each time step, then the head and the loss."""
-    body = "".join(STEP.format(t=t, s=t - 1) for t in time_steps())
-    return FORWARD_HEAD + body + FORWARD_TAIL.format(hs=", ".join(f"h{t}" for t in time_steps()))
-
-
-def solution_code():
-    """The backward, from the last step to the first: each step's state, then its cell, then its weight shares."""
-    back = BACK_HEAD
-    for t in reversed(time_steps()):
-        state = LAST_STATE if t == T else STATE
-        weights = FIRST_WEIGHTS if t == T else MORE_WEIGHTS
-        back += (state + BACK_STEP + weights).format(t=t, s=t - 1, n=t + 1)
-    return back + BACK_TAIL.format(dxs=", ".join(f"dx{t}" for t in time_steps()))
+def state(t):
+    """dh{t}, the state's gradient: from the head only at the last step, from the head and the next step before."""
+    return LAST_STATE if t == T else STATE
 
 
 def pitfalls():
     """The slips of backprop through time, at every step where a learner can make them."""
-    late = [t for t in time_steps() if t < T]     # the steps whose state also feeds a later step
+    late = [t for t in time_steps(T) if t < T]    # the steps whose state also feeds a later step
     return (
-        Pitfall(
-            "start", "dstart = dh0.mean(0, keepdim=True)",
-            "start is copied to every row of h0 (expand), and the copies' gradients add: dh0.sum(0, keepdim=True); "
-            "the loss's mean is already in dlogits, and averaging the copies divides by B once more",
-        ),
-        Pitfall(
-            "bout", "dbout = dlogits.mean((0, 1))",
-            "bout is added at every position, and the positions' gradients add: dlogits.sum((0, 1)); the loss's "
-            "mean is already in dlogits, and averaging the positions divides by B * T once more",
-        ),
+        *COPIES_SUMMED,
         Pitfall(
             "logits",
             "dlogits = (F.softmax(logits, 2) - F.one_hot(Yb.clamp(min=0), vocab_size)) * (Yb >= 0).unsqueeze(2)"
@@ -135,11 +115,7 @@ def pitfalls():
             "the loss is the mean over the counted positions only (targets -1 are padding): divide by their "
             "number, (Yb >= 0).sum(), not by B * T",
         ),
-        *(Pitfall(
-            f"hpre{t}", f"dhpre{t} = (1 - hpre{t}**2) * dh{t}",
-            f"tanh's derivative is 1 - tanh(x)^2 = 1 - h{t}**2: square the output h{t}, not the pre-activation "
-            f"hpre{t}",
-        ) for t in time_steps()),
+        *tanh_pitfalls(T, "h", "hpre"),
         *(Pitfall(
             f"h{t}", f"dh{t} = dhs[:, {t - 1}]",
             f"h{t} also feeds step {t + 1} (it is the h part of xh{t + 1}): backprop through time adds the "
@@ -154,12 +130,8 @@ def pitfalls():
             f"x{t}", f"dx{t} = dxh{t}[:, n_hidden:]",
             f"xh{t} = [x{t}, h{t - 1}] puts x first: x{t}'s part of dxh{t} is its first n_embd columns, "
             f"dxh{t}[:, :n_embd]",
-        ) for t in time_steps()),
-        *(Pitfall(
-            w, f"d{w} = {share.format(t=t)}",
-            f"this is step {t}'s share only: {w} is used at every step, so d{w} sums every step's share; add "
-            "each with += instead of overwriting the shares before it",
-        ) for w, share in SHARES.items() for t in late),
+        ) for t in time_steps(T)),
+        *share_pitfalls(T, SHARES),
     )
 
 
@@ -167,19 +139,19 @@ EXERCISE = Exercise(
     name="rnn",
     summary="makemore's tanh RNN over T steps: backprop through time, dh carried back, weights summed over steps",
     setup_code=SETUP,
-    forward_code=forward_code(),
+    forward_code=unrolled_forward(T, FORWARD_HEAD, STEP, FORWARD_TAIL),
     parameters=("C", "Wxh", "bh", "start", "Wout", "bout"),
     gradients=(
         "logits", "hs", "Wout", "bout",
-        *(name for t in reversed(time_steps()) for name in (f"h{t}", f"hpre{t}", f"xh{t}", f"x{t}")),
+        *(name for t in reversed(time_steps(T)) for name in (f"h{t}", f"hpre{t}", f"xh{t}", f"x{t}")),
         "Wxh", "bh", "h0", "start", "emb", "C",
     ),
-    solution_code=solution_code(),
+    solution_code=unrolled_backward(T, BACK_HEAD, state, BACK_STEP, FIRST_WEIGHTS, MORE_WEIGHTS, BACK_TAIL),
     page="exercises/rnn.md",
     pitfalls=pitfalls(),
     forward_slips=tuple(ForwardSlip(
         f"xh{t}", f"torch.cat([h{t - 1}, x{t}], 1)",
         f"makemore's cell reads [x, h], the character first: torch.cat([x{t}, h{t - 1}], 1)",
-    ) for t in time_steps()),
+    ) for t in time_steps(T)),
     constants=("B", "T", "n_embd", "n_hidden", "vocab_size"),
 )
