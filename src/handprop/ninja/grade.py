@@ -12,6 +12,7 @@ the detectors here (shape, transpose, constant factor, a missing branch, all zer
 """
 
 import dataclasses
+import difflib
 import functools
 import io
 import itertools
@@ -26,7 +27,7 @@ from ..errors import UserError
 from ..gradcheck import relative_maxdiff
 from .exercise import parse_forward, run_code, run_setup
 from .exercises import EXERCISES
-from .learner import RECORD, LearnerCrashed, Version, marked_exercise, run_learner
+from .learner import MARKER, RECORD, LearnerCrashed, Version, marked_exercise, run_learner
 
 RTOL = 1e-5             # right when maxdiff <= RTOL * the largest magnitude of the expected value and its step's inputs
 NEAR_MISS_RATIO = 10    # a pitfall is named when yours is this many times closer to its slip than to the right formula
@@ -130,8 +131,10 @@ def grade(namespace, file=None, exercise=None):
     `handprop grade` runs, it grades without printing: handprop grade prints its own table of every version.
     """
     if exercise is not None and exercise not in EXERCISES:
-        raise UserError(f"no exercise named {exercise!r}: handprop has {', '.join(EXERCISES)}")
+        raise UserError(f"no exercise named {exercise!r}: handprop has {', '.join(EXERCISES)}{did_you_mean(exercise)}")
     chosen = EXERCISES[exercise] if exercise else detected(namespace)
+    if chosen is None:
+        raise UserError(no_exercise("these names define", "grade(globals(), exercise='NAME')"))
     quiet = file is None and RECORD in namespace
     return grade_versions(chosen, namespace, final_versions(chosen, namespace), io.StringIO() if quiet else file)
 
@@ -145,7 +148,7 @@ def grade_script(path, file=None, exercise=None, timeout=None):
     name = exercise or marked_exercise(path)
     if name is not None and name not in EXERCISES:
         raise UserError(f"{path}'s marker line names the exercise {name!r}, which handprop does not have "
-                        f"({', '.join(EXERCISES)}; see handprop exercise list)")
+                        f"({', '.join(EXERCISES)}; see handprop exercise list){did_you_mean(name)}")
     watched = {"d" + g: g for g in EXERCISES[name].gradients} if name else None    # None: every exercise's
     crash = None
     try:
@@ -153,19 +156,37 @@ def grade_script(path, file=None, exercise=None, timeout=None):
     except LearnerCrashed as e:
         crash, namespace, versions = e, e.namespace, e.versions
     chosen = EXERCISES[name] if name else detected(namespace)
-    if crash is not None and missing_inputs(chosen, namespace):
+    if crash is not None and (chosen is None or missing_inputs(chosen, namespace)):
         raise UserError(str(crash))                     # it stopped before there was anything to grade
+    if chosen is None:
+        raise UserError(no_exercise(f"{path} has no marker line ({MARKER}NAME, the first line of every starter) "
+                                    "and defines", "--exercise NAME"))
     check_inputs(chosen, namespace, f" in {path}", "--exercise {}")
     header = f"{crash}\n{crash.traceback}" if crash is not None else ""
     return grade_versions(chosen, namespace, versions, file, header)
 
 
+def did_you_mean(name):
+    """'; did you mean 'mlp'?' for the registered exercise name closest to a mistyped one; '' when none is close."""
+    close = [e for e in EXERCISES if name and (e.startswith(name.lower()) or name.lower().replace("_", "-") == e)]
+    close = close or difflib.get_close_matches(name.lower(), EXERCISES, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def detected(namespace):
-    """The exercise whose inputs namespace defines, with the most gradients defined; mlp when none fits."""
+    """The exercise whose inputs namespace defines, with the most gradients defined; else the one it defines most
+    input tensors of (the first of equals: mlp, for the lecture's files); None when it defines none of any."""
     fitting = [e for e in EXERCISES.values() if not missing_inputs(e, namespace)]
-    if not fitting:
-        return EXERCISES["mlp"]
-    return max(fitting, key=lambda e: sum(namespace.get("d" + name) is not None for name in e.gradients))
+    if fitting:
+        return max(fitting, key=lambda e: sum(namespace.get("d" + name) is not None for name in e.gradients))
+    defined = {e.name: sum(isinstance(namespace.get(name), torch.Tensor) for name in e.inputs())
+               for e in EXERCISES.values()}
+    return EXERCISES[max(defined, key=defined.get)] if any(defined.values()) else None
+
+
+def no_exercise(what, how):
+    """The error line for names that fit no exercise: whose they are ('these names define'), how to name one."""
+    return f"{what} the tensors of no exercise: name the exercise with {how} (see handprop exercise list)"
 
 
 def missing_inputs(exercise, namespace):
@@ -258,7 +279,24 @@ def shape_problem(yours, expected):
         return f"{problem}; {fixing} would fix the shape, and the values are wrong too"
     if yours.ndim == 2 and yours.shape == expected.shape[::-1]:
         return problem + ": it is transposed; check the order of the matrix product"
+    summed = broadcast_dims(yours.shape, expected.shape)
+    if summed and close(yours.sum(summed).reshape(expected.shape), expected, largest(expected)):
+        dims = summed[0] if len(summed) == 1 else summed
+        keepdim = ", keepdim=True" if yours.ndim == expected.ndim else ""
+        return (f"{problem}: summed over dim {dims} it is right; the forward broadcast it over dim {dims}, so its "
+                f"gradient sums back: .sum({dims}{keepdim})")
     return problem
+
+
+def broadcast_dims(shape, target):
+    """The dims of shape that a tensor of target's shape is broadcast over to reach it: (0,) for (32, 27) from (27,);
+    () when target does not broadcast to shape or the two differ in size-1 dimensions only."""
+    if len(target) > len(shape) or math.prod(target) == math.prod(shape):
+        return ()
+    padded = (1,) * (len(shape) - len(target)) + tuple(target)
+    if any(t not in (1, s) for t, s in zip(padded, shape, strict=True)):
+        return ()
+    return tuple(i for i, (t, s) in enumerate(zip(padded, shape, strict=True)) if t == 1 and s != 1)
 
 
 def size_one_fix(ndim, expected):
