@@ -1,0 +1,191 @@
+"""The exercises tried as a new user would (issue 20 item 3, issue 18): each rough edge found, reproduced here.
+
+The mlp exercise's derivation page, the starter's pointer to its page from wherever it is written, a
+mistyped exercise name, a file that is no exercise, a gradient not summed back over a broadcast, a folder
+that does not exist, Ctrl-C while a learner's file runs, and grade(globals()) on every exercise in a kernel.
+"""
+
+import io
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from nbclient import NotebookClient
+
+from handprop.cli import main
+from handprop.errors import UserError
+from handprop.ninja.exercises import EXERCISES
+from handprop.ninja.grade import grade, grade_script
+from handprop.ninja.starter import DOCS_SECTION, solution_source, starter_notebook, starter_script
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def code_lines(text):
+    """The stripped lines of text that are code: not blank, not a comment."""
+    return {line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")}
+
+
+def test_the_mlp_page_derives_exactly_the_exercise_code():
+    exercise = EXERCISES["mlp"]
+    page = (ROOT / "docs" / exercise.page).read_text()
+    shown = code_lines("\n".join(PYTHON_BLOCK.findall(page)))
+    source = code_lines(exercise.forward_code + exercise.solution_code)
+    assert not source - shown, f"not on the page: {sorted(source - shown)}"
+    assert not shown - source, f"on the page only: {sorted(shown - source)}"
+    for title in ("Exercise 1", "Exercise 2", "Exercise 3", "Pitfalls"):
+        assert f"\n## {title}" in page
+    for gradient in exercise.gradients:                        # each gradient has its paragraph
+        assert f"**d{gradient}" in page or f", d{gradient}" in page, gradient
+
+
+def test_every_page_is_in_the_docs_site_where_the_starter_says_it_is():
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    for section in DOCS_SECTION.split(" > "):
+        nav = next(entry[section] for entry in nav if isinstance(entry, dict) and section in entry)
+    assert nav == [{name: exercise.page} for name, exercise in EXERCISES.items()]
+    for exercise in EXERCISES.values():
+        assert (ROOT / "docs" / exercise.page).is_file()
+        notebook = nbformat.reads(starter_notebook(exercise), as_version=4)
+        for text in (starter_script(exercise), notebook.cells[0].source):
+            words = " ".join(text.split())
+            assert f"{DOCS_SECTION} > {exercise.name} of handprop's docs site" in words
+            assert f"`docs/{exercise.page}` in handprop's repository" in words
+            assert "](" not in text        # no link relative to the learner's folder, where it cannot resolve
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("mlpp", "mlp"), ("transformer", "transformer-block"),
+                                              ("transformer_block", "transformer-block"), ("GRU", "gru"),
+                                              ("wavnet", "wavenet")])
+def test_a_mistyped_exercise_name_suggests_the_close_one(typed, meant, tmp_path, capsys):
+    names = ", ".join(EXERCISES)
+    for argv in (["exercise", "start", typed, "-o", str(tmp_path / "x.py")],
+                 ["exercise", "solution", typed, "-o", str(tmp_path / "x.py")],
+                 ["grade", str(tmp_path / "x.py"), "--exercise", typed]):
+        with pytest.raises(SystemExit, match="2"):
+            main(argv)
+        argument = "--exercise" if "grade" in argv else "NAME"
+        assert capsys.readouterr().err == (f"handprop: error: argument {argument}: invalid choice: {typed!r} (choose "
+                                           f"from {names}); did you mean {meant!r}?\n")
+    assert not (tmp_path / "x.py").exists()
+    with pytest.raises(UserError, match=rf"no exercise named {typed!r}: handprop has {names}; did you mean "
+                                        rf"{meant!r}\?$"):
+        grade({}, io.StringIO(), typed)
+    path = tmp_path / "marked.py"
+    path.write_text(f"# handprop exercise: {typed}\n")
+    assert main(["grade", str(path)]) == 2
+    assert capsys.readouterr().err.endswith(f"see handprop exercise list); did you mean {meant!r}?\n")
+
+
+def test_a_name_close_to_none_gets_no_suggestion(capsys):
+    with pytest.raises(SystemExit, match="2"):
+        main(["exercise", "start", "lstm", "-o", "x.py"])
+    assert capsys.readouterr().err.endswith(f"invalid choice: 'lstm' (choose from {', '.join(EXERCISES)})\n")
+
+
+@pytest.mark.parametrize("text", ["", "import torch\nweights = torch.ones(3)\nx = 2\n"])
+def test_a_file_of_no_exercise_says_how_to_name_one_not_mlps_names(text, tmp_path, capsys):
+    path = tmp_path / "mine.py"
+    path.write_text(text)
+    assert main(["grade", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"handprop: error: {path} has no marker line (# handprop exercise: NAME, the first line of every starter) "
+        "and defines the tensors of no exercise: name the exercise with --exercise NAME (see handprop exercise "
+        "list)\n")
+    with pytest.raises(UserError, match=r"^these names define the tensors of no exercise: name the exercise with "
+                                        r"grade\(globals\(\), exercise='NAME'\)"):
+        grade({"x": 1}, io.StringIO())
+
+
+def test_a_crash_before_any_tensor_is_the_crash_alone(tmp_path, capsys):
+    path = tmp_path / "mine.py"
+    path.write_text("import torch\nraise ValueError('the data file is not where I thought')\n")
+    assert main(["grade", str(path)]) == 2
+    assert capsys.readouterr().err == (f"handprop: error: {path} line 2 raised ValueError: the data file is not "
+                                       "where I thought\n")
+
+
+def graded(tmp_path, exercise, old, new):
+    """The rows of exercise's worked solution with its line old replaced by new, graded as handprop grade does."""
+    source = solution_source(EXERCISES[exercise])
+    assert source.count(old) == 1, old
+    path = tmp_path / f"{exercise}.py"
+    path.write_text(source.replace(old, new))
+    return grade_script(path, io.StringIO())
+
+
+@pytest.mark.parametrize(("exercise", "old", "new", "message"), [
+    ("mlp", "db2 = dlogits.sum(0)", "db2 = dlogits",
+     "shape (32, 27), expected (27,): summed over dim 0 it is right; the forward broadcast it over dim 0, so its "
+     "gradient sums back: .sum(0)"),
+    ("mlp", "dbngain = (bnraw * dhpreact).sum(0, keepdim=True)", "dbngain = bnraw * dhpreact",
+     "shape (32, 64), expected (1, 64): summed over dim 0 it is right; the forward broadcast it over dim 0, so its "
+     "gradient sums back: .sum(0, keepdim=True)"),
+    ("layernorm", "dgamma = (xhat * dout).sum((0, 1))", "dgamma = xhat * dout",
+     "shape (4, 5, 8), expected (8,): summed over dim (0, 1) it is right; the forward broadcast it over dim (0, 1), "
+     "so its gradient sums back: .sum((0, 1))"),
+    # summed, this one is still wrong: no claim about the broadcast, only the shape
+    ("mlp", "dbngain = (bnraw * dhpreact).sum(0, keepdim=True)", "dbngain = dhpreact",
+     "shape (32, 64), expected (1, 64)"),
+])
+def test_a_gradient_not_summed_back_over_a_broadcast_says_which_dims(exercise, old, new, message, tmp_path):
+    result = graded(tmp_path, exercise, old, new)
+    name = new.split(" = ")[0]
+    assert [r.label for r in result.rows if r.status == "wrong"] == [name]
+    assert result[name].message == message
+
+
+def test_start_into_a_missing_folder_or_an_existing_file_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "ninja" / "mlp.ipynb"
+    assert main(["exercise", "start", "mlp", "-o", str(missing)]) == 2
+    assert capsys.readouterr().err == (f"handprop: error: no such folder for {missing}: {missing.parent} (create it "
+                                       "first, or write the file elsewhere)\n")
+    assert not missing.parent.exists()
+    mine = tmp_path / "mine.py"
+    mine.write_text("my work\n")
+    assert main(["exercise", "solution", "mlp", "-o", str(mine)]) == 2
+    assert "exists already" in capsys.readouterr().err and mine.read_text() == "my work\n"
+
+
+def test_ctrl_c_while_a_learners_file_runs_is_one_line_and_exit_130(tmp_path):
+    looping = tmp_path / "looping.py"
+    started = tmp_path / "started"
+    looping.write_text(f"# handprop exercise: mlp\nopen({str(started)!r}, 'w').close()\nwhile True:\n    pass\n")
+    process = subprocess.Popen([sys.executable, "-m", "handprop", "grade", str(looping)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert (process.returncode, out, err) == (130, "", "handprop: interrupted\n")
+
+
+def test_grade_globals_in_a_notebook_grades_every_exercise_worked_solution_all_ok(tmp_path):
+    """Each starter notebook with its blanks filled in by the worked solution, in one kernel: every row ok."""
+    cells = []
+    for exercise in EXERCISES.values():
+        notebook = nbformat.reads(starter_notebook(exercise), as_version=4)
+        for i, cell in enumerate(notebook.cells):
+            cell.id = f"{exercise.name}-{i}"       # unique across the notebooks put together
+            if cell.cell_type == "code" and "= None  # TODO" in cell.source:
+                cell.source = exercise.solution_code
+        cells += [nbformat.v4.new_code_cell("%reset -f")] + notebook.cells
+    combined = nbformat.v4.new_notebook(cells=cells)
+    NotebookClient(combined, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
+                   ).execute()
+    printed = "".join(o.get("text", "") for cell in combined.cells if cell.cell_type == "code"
+                      for o in cell.outputs if o.output_type == "stream")
+    verdicts = re.findall(r"^forward: .*$", printed, re.MULTILINE)
+    assert verdicts == [f"forward: 0 wrong; gradients: {len(e.gradients)} ok -- all right" for e in EXERCISES.values()]
