@@ -189,3 +189,25 @@ def test_grade_globals_in_a_notebook_grades_every_exercise_worked_solution_all_o
                       for o in cell.outputs if o.output_type == "stream")
     verdicts = re.findall(r"^forward: .*$", printed, re.MULTILINE)
     assert verdicts == [f"forward: 0 wrong; gradients: {len(e.gradients)} ok -- all right" for e in EXERCISES.values()]
+
+
+@pytest.mark.parametrize(("exercise", "old", "new"), [
+    ("mlp", "dlogit_maxes = -dnorm_logits.sum(1, keepdim=True)", "dlogit_maxes = -dnorm_logits.sum(1)"),
+    ("attention", "dscore_maxes = -dnorm_scores.sum(-1, keepdim=True)", "dscore_maxes = -dnorm_scores.sum(-1)"),
+])
+def test_a_missing_keepdim_on_a_gradient_that_is_zero_up_to_rounding_is_called_right_in_value(exercise, old, new,
+                                                                                              tmp_path):
+    """The max-subtraction's gradient is rounding noise: its values are judged at the scale of its readers' gradients
+    (as every value is), not at its own, or its row blamed right values."""
+    result = graded(tmp_path, exercise, old, new)
+    name = new.split(" = ")[0]
+    assert result[name].status == "wrong"
+    assert result[name].message.endswith(": the values are right; reduce with keepdim=True")
+
+
+def test_a_weight_summed_over_three_of_four_steps_lists_them_as_a_reader_would(tmp_path):
+    result = graded(tmp_path, "rnn", "dWxh += xh3.T @ dhpre3", "dWxh = xh3.T @ dhpre3")
+    wrong = [r for r in result.rows if r.status == "wrong"]
+    assert [r.label.split()[0] for r in wrong] == ["dWxh"]
+    assert wrong[0].message.endswith("Wxh feeds 4 steps (hpre1, hpre2, hpre3, hpre4): this holds only the gradient "
+                                     "through hpre1, hpre2 and hpre3; add the branches with +=")

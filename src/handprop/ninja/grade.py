@@ -267,20 +267,22 @@ def close(yours, expected, scale):
     return relative_maxdiff(largest(yours - expected), scale) <= RTOL
 
 
-def shape_problem(yours, expected):
-    """What is wrong with yours' shape, in words; None when it matches."""
+def shape_problem(yours, expected, scale=None):
+    """What is wrong with yours' shape, in words (its values judged up to RTOL of scale, by default expected's
+    largest magnitude); None when it matches."""
     if yours.shape == expected.shape:
         return None
+    scale = largest(expected) if scale is None else scale
     problem = f"shape {tuple(yours.shape)}, expected {tuple(expected.shape)}"
     if tuple(d for d in expected.shape if d != 1) == tuple(d for d in yours.shape if d != 1):
         fix, fixing = size_one_fix(yours.ndim, expected)
-        if close(yours.reshape(expected.shape), expected, largest(expected)):
+        if close(yours.reshape(expected.shape), expected, scale):
             return f"{problem}: the values are right; {fix}"
         return f"{problem}; {fixing} would fix the shape, and the values are wrong too"
     if yours.ndim == 2 and yours.shape == expected.shape[::-1]:
         return problem + ": it is transposed; check the order of the matrix product"
     summed = broadcast_dims(yours.shape, expected.shape)
-    if summed and close(yours.sum(summed).reshape(expected.shape), expected, largest(expected)):
+    if summed and close(yours.sum(summed).reshape(expected.shape), expected, scale):
         dims = summed[0] if len(summed) == 1 else summed
         keepdim = ", keepdim=True" if yours.ndim == expected.ndim else ""
         return (f"{problem}: summed over dim {dims} it is right; the forward broadcast it over dim {dims}, so its "
@@ -318,14 +320,14 @@ def value_problem(yours, expected):
     return f"largest error{where}: yours {yours[at].item():.4g}, expected {expected[at].item():.4g}"
 
 
-def unusable(section, name, value, expected):
+def unusable(section, name, value, expected, scale):
     """A row saying why value cannot be compared with expected (missing, not a tensor, wrong shape); None if it can."""
     if value is None:
         recomputed = "; recomputed from your other tensors" if section == "forward" else ""
         return Row(section, name, "missing", "not defined" + recomputed, None)
     if not isinstance(value, torch.Tensor):
         return Row(section, name, "wrong", f"is a {type(value).__name__}, not a torch tensor", None)
-    problem = shape_problem(as_float64(value), expected)
+    problem = shape_problem(as_float64(value), expected, scale)
     return Row(section, name, "wrong", problem, None, shape=True) if problem else None
 
 
@@ -354,7 +356,7 @@ def check_forward(exercise, namespace, tensors, constants, steps):
         args = [values[arg] for arg in step.inputs]
         scale = max([largest(expected)] + [largest(a) for a in args if a.is_floating_point()])
         value = namespace.get(name)
-        early = unusable("forward", name, value, expected)
+        early = unusable("forward", name, value, expected, scale)
         yours = None if early else as_float64(value)
         known = [(wrong[name], hint) for wrong, hint in slips.get(name, [])]
         if early and early.shape:       # a known slip of another shape: `.mean(0)` where the step reduces (0, 1)
@@ -408,6 +410,10 @@ class Grading:
         for name in reversed(steps):
             for arg, g in self.vjp(name, self.truth[name]).items():
                 self.truth[arg] = self.truth[arg] + g if arg in self.truth else g
+
+    def scale(self, name):
+        """What d<name>'s error is measured against: the largest magnitude of its gradient and its readers'."""
+        return max([largest(self.truth[name])] + [largest(self.truth[out]) for out in self.readers[name]])
 
     def vjp(self, step, dout):
         """The step's vjp for dout, computed once per (step, dout)."""
@@ -464,7 +470,7 @@ class Evidence:
 
 def check_gradients(exercise, versions, g):
     """One row per version of each gradient (a fused formula's version of a gradient is one of them)."""
-    early = {i: unusable("gradient", "d" + v.name, v.value, g.truth[v.name])
+    early = {i: unusable("gradient", "d" + v.name, v.value, g.truth[v.name], g.scale(v.name))
              for i, v in enumerate(versions) if v.name in g.truth}
     yours = {i: as_float64(v.value) for i, v in enumerate(versions) if early.get(i, True) is None}
     for i, row in early.items():        # a wrong shape that broadcasts is what later lines computed with
@@ -500,7 +506,8 @@ def check_gradients(exercise, versions, g):
                 branches[i] = held
             g.rows[i] = dataclasses.replace(row, where=versions[i].where, several=written[name] > 1)
         for i, (held, maxdiff) in branches.items():
-            through = f"the gradient through {' and '.join(held)}, one of the {len(g.readers[name])} steps {name} feeds"
+            some = "one" if len(held) == 1 else len(held)
+            through = f"the gradient through {listed(held)}, {some} of the {len(g.readers[name])} steps {name} feeds"
             others = [j for j in branches if not set(held) & set(branches[j][0])]     # versions of other branches
             if any(j > i for j in others):
                 # the first branch of an assignment that a later `=` (meant as +=) overwrote: this line is right
@@ -520,8 +527,7 @@ def grade_gradient(name, mine, e):
     ok; follows (right for what it was computed from, which is wrong); or wrong, with the pitfall it matches.
     """
     g = e.g
-    readers = g.readers[name]
-    scale = max([largest(g.truth[name])] + [largest(g.truth[out]) for out in readers])
+    scale = g.scale(name)
     maxdiff = largest(mine - g.truth[name])
     if not finite(mine):
         return Row("gradient", "d" + name, "wrong", value_problem(mine, g.truth[name]), maxdiff), None
@@ -565,7 +571,7 @@ def pitfall(name, mine, e, scale):
 
 def shaped_pitfall(name, mine, e):
     """The hint of the pitfall whose slip has mine's (wrong) shape and its values; None when none has."""
-    scale = max([largest(e.g.truth[name])] + [largest(e.g.truth[out]) for out in e.g.readers[name]])
+    scale = e.g.scale(name)
     for known in (p for p in e.g.exercise.pitfalls if p.gradient == name):
         slipped = e.g.code_value(known.slip, name, e.used)
         if slipped is not None and slipped.shape == mine.shape and close(mine, slipped, max(scale, largest(slipped))):
@@ -587,12 +593,12 @@ def follows_from(name, mine, e, scale):
     readers = g.readers[name]
     upstream = e.off(readers)
     if upstream and close(mine, e.local(name), max([largest(e.local(name))] + [largest(e.used[r]) for r in readers])):
-        return f"right for your {' and '.join(upstream)}, which {is_are(upstream)} off: fix that first"
+        return f"right for your {listed(upstream)}, which {is_are(upstream)} off: fix that first"
     further = e.off([far for r in readers for far in g.readers[r]])
     implied_scale = max([largest(e.implied(name))] + [largest(e.local(r)) for r in readers])
     if further and close(mine, e.implied(name), implied_scale):
         via = " and ".join("d" + r for r in readers)
-        return (f"right for the {via} computed from your {' and '.join(further)}, which {is_are(further)} off: "
+        return (f"right for the {via} computed from your {listed(further)}, which {is_are(further)} off: "
                 "fix that first")
     for fused in (f for f in g.exercise.fused if f.gradient == name):
         formula = g.code_value(fused.code, name, e.used) if g.forward_wrong else None
@@ -621,7 +627,7 @@ def held_branches(name, mine, e):
 def branches_hint(name, held, g):
     readers = g.readers[name]
     return (f"{name} feeds {len(readers)} steps ({', '.join(readers)}): this holds only the gradient through "
-            f"{' and '.join(held[0])}; add the branches with +=")
+            f"{listed(held[0])}; add the branches with +=")
 
 
 def broadcast(value, expected):
@@ -630,6 +636,12 @@ def broadcast(value, expected):
         return torch.broadcast_to(as_float64(value), expected.shape)
     except RuntimeError:
         return None
+
+
+def listed(names):
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def is_are(names):
