@@ -173,7 +173,8 @@ def test_ctrl_c_while_a_learners_file_runs_is_one_line_and_exit_130(tmp_path):
 
 
 def test_grade_globals_in_a_notebook_grades_every_exercise_worked_solution_all_ok(tmp_path):
-    """Each starter notebook with its blanks filled in by the worked solution, in one kernel: every row ok."""
+    """Each starter notebook with its blanks filled in by the worked solution, in one kernel: every row ok. Then a
+    mistake in the grading call, which the notebook shows as one line, not a traceback through handprop."""
     cells = []
     for exercise in EXERCISES.values():
         notebook = nbformat.reads(starter_notebook(exercise), as_version=4)
@@ -182,13 +183,17 @@ def test_grade_globals_in_a_notebook_grades_every_exercise_worked_solution_all_o
             if cell.cell_type == "code" and "= None  # TODO" in cell.source:
                 cell.source = exercise.solution_code
         cells += [nbformat.v4.new_code_cell("%reset -f")] + notebook.cells
-    combined = nbformat.v4.new_notebook(cells=cells)
-    NotebookClient(combined, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}}
-                   ).execute()
-    printed = "".join(o.get("text", "") for cell in combined.cells if cell.cell_type == "code"
-                      for o in cell.outputs if o.output_type == "stream")
+    mistaken = nbformat.v4.new_code_cell("result = grade(globals(), exercise='mlpp')")
+    combined = nbformat.v4.new_notebook(cells=[*cells, mistaken])
+    NotebookClient(combined, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}},
+                   allow_errors=True).execute()
+    outputs = [o for cell in combined.cells if cell.cell_type == "code" for o in cell.outputs]
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     verdicts = re.findall(r"^forward: .*$", printed, re.MULTILINE)
     assert verdicts == [f"forward: 0 wrong; gradients: {len(e.gradients)} ok -- all right" for e in EXERCISES.values()]
+    assert [o for o in outputs if o.output_type == "error"] == mistaken.outputs
+    assert mistaken.outputs[0].traceback == [f"handprop: error: no exercise named 'mlpp': handprop has "
+                                             f"{', '.join(EXERCISES)}; did you mean 'mlp'?"]
 
 
 @pytest.mark.parametrize(("exercise", "old", "new"), [
