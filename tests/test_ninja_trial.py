@@ -184,16 +184,22 @@ def test_grade_globals_in_a_notebook_grades_every_exercise_worked_solution_all_o
                 cell.source = exercise.solution_code
         cells += [nbformat.v4.new_code_cell("%reset -f")] + notebook.cells
     mistaken = nbformat.v4.new_code_cell("result = grade(globals(), exercise='mlpp')")
-    combined = nbformat.v4.new_notebook(cells=[*cells, mistaken])
+    too_soon = nbformat.v4.new_code_cell("%reset -f\nfrom handprop import grade\nresult = grade(globals(), "
+                                         "exercise='layernorm')")
+    combined = nbformat.v4.new_notebook(cells=[*cells, mistaken, too_soon])
     NotebookClient(combined, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}},
                    allow_errors=True).execute()
     outputs = [o for cell in combined.cells if cell.cell_type == "code" for o in cell.outputs]
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     verdicts = re.findall(r"^forward: .*$", printed, re.MULTILINE)
     assert verdicts == [f"forward: 0 wrong; gradients: {len(e.gradients)} ok -- all right" for e in EXERCISES.values()]
-    assert [o for o in outputs if o.output_type == "error"] == mistaken.outputs
+    assert [o for o in outputs if o.output_type == "error"] == mistaken.outputs + too_soon.outputs
     assert mistaken.outputs[0].traceback == [f"handprop: error: no exercise named 'mlpp': handprop has "
                                              f"{', '.join(EXERCISES)}; did you mean 'mlp'?"]
+    inputs = ", ".join(EXERCISES["layernorm"].inputs())
+    assert too_soon.outputs[0].traceback == [f"handprop: error: cannot grade without {inputs} (the layernorm "
+                                             "exercise's names for its parameters and data); run the cells that "
+                                             "define them first"]
 
 
 @pytest.mark.parametrize(("exercise", "old", "new"), [

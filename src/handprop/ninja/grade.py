@@ -201,6 +201,8 @@ def check_inputs(exercise, namespace, where="", how="grade(globals(), exercise={
         return
     other = [e.name for e in EXERCISES.values() if e is not exercise and not missing_inputs(e, namespace)]
     looks = f"; this looks like the {other[0]} exercise: {how.format(other[0])}" if other else ""
+    if not other and not where and len(missing) == len(exercise.inputs()):     # a notebook's cells not run yet
+        looks = "; run the cells that define them first"
     raise UserError(f"cannot grade without {', '.join(missing)}{where} (the {exercise.name} exercise's names for its "
                     f"parameters and data){looks}")
 
