@@ -222,3 +222,36 @@ def test_a_weight_summed_over_three_of_four_steps_lists_them_as_a_reader_would(t
     assert [r.label.split()[0] for r in wrong] == ["dWxh"]
     assert wrong[0].message.endswith("Wxh feeds 4 steps (hpre1, hpre2, hpre3, hpre4): this holds only the gradient "
                                      "through hpre1, hpre2 and hpre3; add the branches with +=")
+
+
+def test_start_into_a_folder_that_cannot_be_written_is_one_line(capsys):
+    target = Path("/proc/handprop-starter.py")     # /proc takes no new files, even from root
+    assert main(["exercise", "start", "mlp", "-o", str(target)]) == 2
+    assert capsys.readouterr().err.startswith(f"handprop: error: cannot write {target}: ")
+
+
+def test_a_full_disk_leaves_no_half_written_starter(tmp_path, monkeypatch, capsys):
+    real_open = Path.open
+
+    class FillsUp:
+        """A file that takes the first 100 characters, then the disk is full."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:100])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: FillsUp(real_open(self, *args, **kwargs)))
+    target = tmp_path / "mlp.py"
+    assert main(["exercise", "start", "mlp", "-o", str(target)]) == 2
+    assert capsys.readouterr().err == f"handprop: error: cannot write {target}: No space left on device\n"
+    assert not target.exists()

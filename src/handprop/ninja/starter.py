@@ -138,8 +138,15 @@ def write_new(path, text, suffixes):
         raise UserError(f"{path} exists already: choose another name (handprop never overwrites your work)")
     if not path.parent.is_dir():
         raise UserError(f"no such folder for {path}: {path.parent} (create it first, or write the file elsewhere)")
-    with path.open("x", encoding="utf-8") as f:
-        f.write(text)
+    created = False
+    try:
+        with path.open("x", encoding="utf-8") as f:
+            created = True
+            f.write(text)
+    except OSError as e:            # a folder handprop may not write to, a full disk
+        if created:
+            path.unlink()           # no half-written file left behind
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def write_starter(exercise, path):
