@@ -255,3 +255,22 @@ def test_a_full_disk_leaves_no_half_written_starter(tmp_path, monkeypatch, capsy
     assert main(["exercise", "start", "mlp", "-o", str(target)]) == 2
     assert capsys.readouterr().err == f"handprop: error: cannot write {target}: No space left on device\n"
     assert not target.exists()
+
+
+@pytest.mark.parametrize(("exercise", "old", "new", "hint"), [
+    ("mlp", "dhprebn += 1.0 / n * dbnmeani", "dhprebn += dbnmeani",
+     "hprebn feeds 2 steps (bnmeani, bndiff): the branch through bnmeani is off by a factor n = 32: check the 1/n "
+     "of the mean"),
+    ("layernorm", "dx += 1 / C * dxmean", "dx += dxmean",
+     "x feeds 2 steps (xmean, xdiff): the branch through xmean is off by a factor C = 8: check the 1/C of the mean"),
+    ("mlp", "dbndiff += 2 * bndiff * dbndiff2", "dbndiff -= 2 * bndiff * dbndiff2",
+     "bndiff feeds 2 steps (bndiff2, bnraw): the branch through bndiff2 is minus what it should be"),
+    ("mlp", "dbndiff2 = 1.0 / (n - 1) * torch.ones_like(bndiff2) * dbnvar",
+     "dbndiff2 = torch.ones_like(bndiff2) * dbnvar",
+     "off by a factor n - 1 = 31: check the 1/(n - 1)"),
+])
+def test_a_factor_forgotten_in_one_branch_names_the_branch_and_the_factor(exercise, old, new, hint, tmp_path):
+    result = graded(tmp_path, exercise, old, new)
+    (wrong,) = [r for r in result.rows if r.status == "wrong"]
+    assert wrong.label.split()[0] == new.split()[0]
+    assert wrong.message.endswith(f"; {hint}")

@@ -542,7 +542,8 @@ def grade_gradient(name, mine, e):
     if reason:
         return Row("gradient", "d" + name, "follows", reason, maxdiff), None
     held = held_branches(name, mine, e)
-    hint = branches_hint(name, held, g) if held else generic_hint(mine, e.local(name), scale, g.constants)
+    hint = branches_hint(name, held, g) if held else (
+        scaled_branch_hint(name, mine, e, scale) or generic_hint(mine, e.local(name), scale, g.constants))
     return Row("gradient", "d" + name, "wrong", with_hint(value_problem(mine, g.truth[name]), hint), maxdiff), held
 
 
@@ -632,6 +633,24 @@ def branches_hint(name, held, g):
             f"{listed(held[0])}; add the branches with +=")
 
 
+def scaled_branch_hint(name, mine, e, scale):
+    """'bnmeani's branch is off by a factor n = 32 ...' when mine is the sum of the branches of the steps reading name
+    with one of them scaled by a constant (`dhprebn += dbnmeani` for `+= 1.0 / n * dbnmeani`); None otherwise."""
+    readers = e.g.readers[name]
+    if not 2 <= len(readers) <= MOST_BRANCHES:
+        return None
+    excess = mine - e.local(name)
+    for reader in readers:
+        part = e.branch(name, reader)
+        if largest(part) <= RTOL * scale:      # a branch that is rounding noise (through a max) fits any factor
+            continue
+        ratio = 1 + ((excess * part).sum() / (part * part).sum()).item()
+        if close(excess, (ratio - 1) * part, scale):
+            return (f"{name} feeds {len(readers)} steps ({', '.join(readers)}): the branch through {reader} is "
+                    + ("minus what it should be" if abs(ratio + 1) <= 1e-4 else factor_words(ratio, e.g.constants)))
+    return None
+
+
 def broadcast(value, expected):
     """value (a tensor of another shape) broadcast to expected's shape, in float64; None when it does not broadcast."""
     try:
@@ -665,11 +684,20 @@ def constant_factor_hint(yours, expected, scale, constants):
     ratio = ((yours * expected).sum() / norm).item()
     if not close(yours, ratio * expected, scale):
         return None
-    known = [(-1.0, "sign error: yours is exactly minus the right gradient")]
+    if abs(ratio + 1) <= 1e-4:
+        return "sign error: yours is exactly minus the right gradient"
+    return factor_words(ratio, constants)
+
+
+def factor_words(ratio, constants):
+    """Yours being ratio (not -1) times the right value, in words: 'off by a factor n = 32: check the 1/n of the
+    mean', ..., else the number."""
+    known = []
     for name, value in constants.items():
         if isinstance(value, int) and value > 2:     # a count a mean divides by (n, T, ...)
             known += [(float(value), f"off by a factor {name} = {value}: check the 1/{name} of the mean"),
-                      (1 / value, f"off by a factor 1/{name} = 1/{value}: check the 1/{name} of the mean")]
+                      (1 / value, f"off by a factor 1/{name} = 1/{value}: check the 1/{name} of the mean"),
+                      (float(value - 1), f"off by a factor {name} - 1 = {value - 1}: check the 1/({name} - 1)")]
     known += [(2.0, "off by a factor 2"), (0.5, "off by a factor 1/2: d(x^2)/dx = 2x")]
     for factor, hint in known:
         if abs(ratio - factor) <= 1e-4 * abs(factor):
