@@ -35,6 +35,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"handprop: error: {message}\n")
 
 
+def exercise_name(text):
+    """An argparse type: the name of an exercise, or one line naming the close one (`handprop exercise list`)."""
+    if text not in EXERCISES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(EXERCISES)})"
+                                         f"{did_you_mean(text)}")
+    return text
+
+
 def bounded(kind, low, high):
     """An argparse type: a finite number of kind (int or float) with low <= value <= high."""
 
@@ -50,14 +58,6 @@ def bounded(kind, low, high):
         return value
 
     return parse
-
-
-def exercise_name(text):
-    """An argparse type: the name of an exercise, or one line naming the close one (`handprop exercise list`)."""
-    if text not in EXERCISES:
-        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(EXERCISES)})"
-                                         f"{did_you_mean(text)}")
-    return text
 
 
 def add_setting(parser, cls, name, *flags, default=None):

@@ -42,13 +42,14 @@ def listing(names):
     return "\n".join(lines + [line.rstrip(", ") + "]"])
 
 
-DOCS_SECTION = "Backprop ninja > Exercises"     # where mkdocs.yml's nav lists each exercise's page, by its name
+DOCS_SECTION = "Backprop ninja"         # the section of mkdocs.yml's nav that lists each exercise's page
+DOCS_TITLE = "Exercise: {}"             # the page's title in that section, for an exercise's name
 
 
 def derivation(exercise):
     """Where the exercise's derivation page is, in words that hold wherever the learner's file is written."""
-    return (f"the page {DOCS_SECTION} > {exercise.name} of handprop's docs site, `docs/{exercise.page}` in "
-            "handprop's repository")
+    return (f'the page "{DOCS_SECTION} > {DOCS_TITLE.format(exercise.name)}" of handprop\'s docs site, '
+            f"`docs/{exercise.page}` in handprop's repository")
 
 
 def header(exercise, kind):
