@@ -20,7 +20,7 @@ from .evaluation import EVAL_CHUNK, evaluate, format_losses, make_run_splits
 from .gradcheck import check_layers
 from .models import count_parameters
 from .ninja.exercises import EXERCISES
-from .ninja.grade import grade_script
+from .ninja.grade import did_you_mean, grade_script
 from .ninja.solutions import check_report
 from .ninja.starter import write_solution, write_starter
 from .sample import CHUNK, Sampling, stream_samples
@@ -35,6 +35,14 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"handprop: error: {message}\n")
+
+
+def exercise_name(text):
+    """An argparse type: the name of an exercise, or one line naming the close one (`handprop exercise list`)."""
+    if text not in EXERCISES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(EXERCISES)})"
+                                         f"{did_you_mean(text)}")
+    return text
 
 
 def bounded(kind, low, high):
@@ -172,7 +180,7 @@ def build_parser():
                        "writes")
     g.add_argument("solution", help="a Python script or Jupyter notebook that leaves the exercise's names behind "
                    "(for mlp: C, W1, ..., Xb, Yb, dlogprobs, ..., dC)")
-    g.add_argument("--exercise", choices=list(EXERCISES), metavar="NAME",
+    g.add_argument("--exercise", type=exercise_name, metavar="NAME",
                    help="the exercise it is (default: the one its marker line names, else the one whose names it "
                         "defines; see handprop exercise list)")
     g.add_argument("--timeout", type=bounded(float, 1, 86400), default=120.0, metavar="S",
@@ -187,7 +195,7 @@ def build_parser():
                                         "gradient", run_exercise_start),
                               ("solution", "handprop's worked solution, a script (.py)", run_exercise_solution)):
         a = actions.add_parser(action, help=f"write {what}")
-        a.add_argument("name", choices=list(EXERCISES), metavar="NAME", help="the exercise (handprop exercise list)")
+        a.add_argument("name", type=exercise_name, metavar="NAME", help="the exercise (handprop exercise list)")
         a.add_argument("-o", "--output", required=True, metavar="FILE", help="the file to write; never overwritten")
         a.set_defaults(run=run)
 

@@ -12,6 +12,7 @@ the detectors here (shape, transpose, constant factor, a missing branch, all zer
 """
 
 import dataclasses
+import difflib
 import functools
 import io
 import itertools
@@ -26,7 +27,7 @@ from ..errors import UserError
 from ..gradcheck import relative_maxdiff
 from .exercise import parse_forward, run_code, run_setup
 from .exercises import EXERCISES
-from .learner import RECORD, LearnerCrashed, Version, marked_exercise, run_learner
+from .learner import MARKER, RECORD, LearnerCrashed, Version, marked_exercise, run_learner
 
 RTOL = 1e-5             # right when maxdiff <= RTOL * the largest magnitude of the expected value and its step's inputs
 NEAR_MISS_RATIO = 10    # a pitfall is named when yours is this many times closer to its slip than to the right formula
@@ -130,8 +131,10 @@ def grade(namespace, file=None, exercise=None):
     `handprop grade` runs, it grades without printing: handprop grade prints its own table of every version.
     """
     if exercise is not None and exercise not in EXERCISES:
-        raise UserError(f"no exercise named {exercise!r}: handprop has {', '.join(EXERCISES)}")
+        raise UserError(f"no exercise named {exercise!r}: handprop has {', '.join(EXERCISES)}{did_you_mean(exercise)}")
     chosen = EXERCISES[exercise] if exercise else detected(namespace)
+    if chosen is None:
+        raise UserError(no_exercise("these names define", "grade(globals(), exercise='NAME')"))
     quiet = file is None and RECORD in namespace
     return grade_versions(chosen, namespace, final_versions(chosen, namespace), io.StringIO() if quiet else file)
 
@@ -145,7 +148,7 @@ def grade_script(path, file=None, exercise=None, timeout=None):
     name = exercise or marked_exercise(path)
     if name is not None and name not in EXERCISES:
         raise UserError(f"{path}'s marker line names the exercise {name!r}, which handprop does not have "
-                        f"({', '.join(EXERCISES)}; see handprop exercise list)")
+                        f"({', '.join(EXERCISES)}; see handprop exercise list){did_you_mean(name)}")
     watched = {"d" + g: g for g in EXERCISES[name].gradients} if name else None    # None: every exercise's
     crash = None
     try:
@@ -153,19 +156,37 @@ def grade_script(path, file=None, exercise=None, timeout=None):
     except LearnerCrashed as e:
         crash, namespace, versions = e, e.namespace, e.versions
     chosen = EXERCISES[name] if name else detected(namespace)
-    if crash is not None and missing_inputs(chosen, namespace):
+    if crash is not None and (chosen is None or missing_inputs(chosen, namespace)):
         raise UserError(str(crash))                     # it stopped before there was anything to grade
+    if chosen is None:
+        raise UserError(no_exercise(f"{path} has no marker line ({MARKER}NAME, the first line of every starter) "
+                                    "and defines", "--exercise NAME"))
     check_inputs(chosen, namespace, f" in {path}", "--exercise {}")
     header = f"{crash}\n{crash.traceback}" if crash is not None else ""
     return grade_versions(chosen, namespace, versions, file, header)
 
 
+def did_you_mean(name):
+    """'; did you mean 'mlp'?' for the registered exercise name closest to a mistyped one; '' when none is close."""
+    close = [e for e in EXERCISES if name and (e.startswith(name.lower()) or name.lower().replace("_", "-") == e)]
+    close = close or difflib.get_close_matches(name.lower(), EXERCISES, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def detected(namespace):
-    """The exercise whose inputs namespace defines, with the most gradients defined; mlp when none fits."""
+    """The exercise whose inputs namespace defines, with the most gradients defined; else the one it defines most
+    input tensors of (the first of equals: mlp, for the lecture's files); None when it defines none of any."""
     fitting = [e for e in EXERCISES.values() if not missing_inputs(e, namespace)]
-    if not fitting:
-        return EXERCISES["mlp"]
-    return max(fitting, key=lambda e: sum(namespace.get("d" + name) is not None for name in e.gradients))
+    if fitting:
+        return max(fitting, key=lambda e: sum(namespace.get("d" + name) is not None for name in e.gradients))
+    defined = {e.name: sum(isinstance(namespace.get(name), torch.Tensor) for name in e.inputs())
+               for e in EXERCISES.values()}
+    return EXERCISES[max(defined, key=defined.get)] if any(defined.values()) else None
+
+
+def no_exercise(what, how):
+    """The error line for names that fit no exercise: whose they are ('these names define'), how to name one."""
+    return f"{what} the tensors of no exercise: name the exercise with {how} (see handprop exercise list)"
 
 
 def missing_inputs(exercise, namespace):
@@ -180,6 +201,8 @@ def check_inputs(exercise, namespace, where="", how="grade(globals(), exercise={
         return
     other = [e.name for e in EXERCISES.values() if e is not exercise and not missing_inputs(e, namespace)]
     looks = f"; this looks like the {other[0]} exercise: {how.format(other[0])}" if other else ""
+    if not other and not where and len(missing) == len(exercise.inputs()):     # a notebook's cells not run yet
+        looks = "; run the cells that define them first"
     raise UserError(f"cannot grade without {', '.join(missing)}{where} (the {exercise.name} exercise's names for its "
                     f"parameters and data){looks}")
 
@@ -246,19 +269,38 @@ def close(yours, expected, scale):
     return relative_maxdiff(largest(yours - expected), scale) <= RTOL
 
 
-def shape_problem(yours, expected):
-    """What is wrong with yours' shape, in words; None when it matches."""
+def shape_problem(yours, expected, scale=None):
+    """What is wrong with yours' shape, in words (its values judged up to RTOL of scale, by default expected's
+    largest magnitude); None when it matches."""
     if yours.shape == expected.shape:
         return None
+    scale = largest(expected) if scale is None else scale
     problem = f"shape {tuple(yours.shape)}, expected {tuple(expected.shape)}"
     if tuple(d for d in expected.shape if d != 1) == tuple(d for d in yours.shape if d != 1):
         fix, fixing = size_one_fix(yours.ndim, expected)
-        if close(yours.reshape(expected.shape), expected, largest(expected)):
+        if close(yours.reshape(expected.shape), expected, scale):
             return f"{problem}: the values are right; {fix}"
         return f"{problem}; {fixing} would fix the shape, and the values are wrong too"
     if yours.ndim == 2 and yours.shape == expected.shape[::-1]:
         return problem + ": it is transposed; check the order of the matrix product"
+    summed = broadcast_dims(yours.shape, expected.shape)
+    if summed and close(yours.sum(summed).reshape(expected.shape), expected, scale):
+        dims = summed[0] if len(summed) == 1 else summed
+        keepdim = ", keepdim=True" if yours.ndim == expected.ndim else ""
+        return (f"{problem}: summed over dim {dims} it is right; the forward broadcast it over dim {dims}, so its "
+                f"gradient sums back: .sum({dims}{keepdim})")
     return problem
+
+
+def broadcast_dims(shape, target):
+    """The dims of shape that a tensor of target's shape is broadcast over to reach it: (0,) for (32, 27) from (27,);
+    () when target does not broadcast to shape or the two differ in size-1 dimensions only."""
+    if len(target) > len(shape) or math.prod(target) == math.prod(shape):
+        return ()
+    padded = (1,) * (len(shape) - len(target)) + tuple(target)
+    if any(t not in (1, s) for t, s in zip(padded, shape, strict=True)):
+        return ()
+    return tuple(i for i, (t, s) in enumerate(zip(padded, shape, strict=True)) if t == 1 and s != 1)
 
 
 def size_one_fix(ndim, expected):
@@ -280,14 +322,14 @@ def value_problem(yours, expected):
     return f"largest error{where}: yours {yours[at].item():.4g}, expected {expected[at].item():.4g}"
 
 
-def unusable(section, name, value, expected):
+def unusable(section, name, value, expected, scale):
     """A row saying why value cannot be compared with expected (missing, not a tensor, wrong shape); None if it can."""
     if value is None:
         recomputed = "; recomputed from your other tensors" if section == "forward" else ""
         return Row(section, name, "missing", "not defined" + recomputed, None)
     if not isinstance(value, torch.Tensor):
         return Row(section, name, "wrong", f"is a {type(value).__name__}, not a torch tensor", None)
-    problem = shape_problem(as_float64(value), expected)
+    problem = shape_problem(as_float64(value), expected, scale)
     return Row(section, name, "wrong", problem, None, shape=True) if problem else None
 
 
@@ -316,7 +358,7 @@ def check_forward(exercise, namespace, tensors, constants, steps):
         args = [values[arg] for arg in step.inputs]
         scale = max([largest(expected)] + [largest(a) for a in args if a.is_floating_point()])
         value = namespace.get(name)
-        early = unusable("forward", name, value, expected)
+        early = unusable("forward", name, value, expected, scale)
         yours = None if early else as_float64(value)
         known = [(wrong[name], hint) for wrong, hint in slips.get(name, [])]
         if early and early.shape:       # a known slip of another shape: `.mean(0)` where the step reduces (0, 1)
@@ -370,6 +412,10 @@ class Grading:
         for name in reversed(steps):
             for arg, g in self.vjp(name, self.truth[name]).items():
                 self.truth[arg] = self.truth[arg] + g if arg in self.truth else g
+
+    def scale(self, name):
+        """What d<name>'s error is measured against: the largest magnitude of its gradient and its readers'."""
+        return max([largest(self.truth[name])] + [largest(self.truth[out]) for out in self.readers[name]])
 
     def vjp(self, step, dout):
         """The step's vjp for dout, computed once per (step, dout)."""
@@ -426,7 +472,7 @@ class Evidence:
 
 def check_gradients(exercise, versions, g):
     """One row per version of each gradient (a fused formula's version of a gradient is one of them)."""
-    early = {i: unusable("gradient", "d" + v.name, v.value, g.truth[v.name])
+    early = {i: unusable("gradient", "d" + v.name, v.value, g.truth[v.name], g.scale(v.name))
              for i, v in enumerate(versions) if v.name in g.truth}
     yours = {i: as_float64(v.value) for i, v in enumerate(versions) if early.get(i, True) is None}
     for i, row in early.items():        # a wrong shape that broadcasts is what later lines computed with
@@ -462,7 +508,8 @@ def check_gradients(exercise, versions, g):
                 branches[i] = held
             g.rows[i] = dataclasses.replace(row, where=versions[i].where, several=written[name] > 1)
         for i, (held, maxdiff) in branches.items():
-            through = f"the gradient through {' and '.join(held)}, one of the {len(g.readers[name])} steps {name} feeds"
+            some = "one" if len(held) == 1 else len(held)
+            through = f"the gradient through {listed(held)}, {some} of the {len(g.readers[name])} steps {name} feeds"
             others = [j for j in branches if not set(held) & set(branches[j][0])]     # versions of other branches
             if any(j > i for j in others):
                 # the first branch of an assignment that a later `=` (meant as +=) overwrote: this line is right
@@ -482,8 +529,7 @@ def grade_gradient(name, mine, e):
     ok; follows (right for what it was computed from, which is wrong); or wrong, with the pitfall it matches.
     """
     g = e.g
-    readers = g.readers[name]
-    scale = max([largest(g.truth[name])] + [largest(g.truth[out]) for out in readers])
+    scale = g.scale(name)
     maxdiff = largest(mine - g.truth[name])
     if not finite(mine):
         return Row("gradient", "d" + name, "wrong", value_problem(mine, g.truth[name]), maxdiff), None
@@ -496,7 +542,8 @@ def grade_gradient(name, mine, e):
     if reason:
         return Row("gradient", "d" + name, "follows", reason, maxdiff), None
     held = held_branches(name, mine, e)
-    hint = branches_hint(name, held, g) if held else generic_hint(mine, e.local(name), scale, g.constants)
+    hint = branches_hint(name, held, g) if held else (
+        scaled_branch_hint(name, mine, e, scale) or generic_hint(mine, e.local(name), scale, g.constants))
     return Row("gradient", "d" + name, "wrong", with_hint(value_problem(mine, g.truth[name]), hint), maxdiff), held
 
 
@@ -527,7 +574,7 @@ def pitfall(name, mine, e, scale):
 
 def shaped_pitfall(name, mine, e):
     """The hint of the pitfall whose slip has mine's (wrong) shape and its values; None when none has."""
-    scale = max([largest(e.g.truth[name])] + [largest(e.g.truth[out]) for out in e.g.readers[name]])
+    scale = e.g.scale(name)
     for known in (p for p in e.g.exercise.pitfalls if p.gradient == name):
         slipped = e.g.code_value(known.slip, name, e.used)
         if slipped is not None and slipped.shape == mine.shape and close(mine, slipped, max(scale, largest(slipped))):
@@ -549,12 +596,12 @@ def follows_from(name, mine, e, scale):
     readers = g.readers[name]
     upstream = e.off(readers)
     if upstream and close(mine, e.local(name), max([largest(e.local(name))] + [largest(e.used[r]) for r in readers])):
-        return f"right for your {' and '.join(upstream)}, which {is_are(upstream)} off: fix that first"
+        return f"right for your {listed(upstream)}, which {is_are(upstream)} off: fix that first"
     further = e.off([far for r in readers for far in g.readers[r]])
     implied_scale = max([largest(e.implied(name))] + [largest(e.local(r)) for r in readers])
     if further and close(mine, e.implied(name), implied_scale):
         via = " and ".join("d" + r for r in readers)
-        return (f"right for the {via} computed from your {' and '.join(further)}, which {is_are(further)} off: "
+        return (f"right for the {via} computed from your {listed(further)}, which {is_are(further)} off: "
                 "fix that first")
     for fused in (f for f in g.exercise.fused if f.gradient == name):
         formula = g.code_value(fused.code, name, e.used) if g.forward_wrong else None
@@ -583,7 +630,25 @@ def held_branches(name, mine, e):
 def branches_hint(name, held, g):
     readers = g.readers[name]
     return (f"{name} feeds {len(readers)} steps ({', '.join(readers)}): this holds only the gradient through "
-            f"{' and '.join(held[0])}; add the branches with +=")
+            f"{listed(held[0])}; add the branches with +=")
+
+
+def scaled_branch_hint(name, mine, e, scale):
+    """'bnmeani's branch is off by a factor n = 32 ...' when mine is the sum of the branches of the steps reading name
+    with one of them scaled by a constant (`dhprebn += dbnmeani` for `+= 1.0 / n * dbnmeani`); None otherwise."""
+    readers = e.g.readers[name]
+    if not 2 <= len(readers) <= MOST_BRANCHES:
+        return None
+    excess = mine - e.local(name)
+    for reader in readers:
+        part = e.branch(name, reader)
+        if largest(part) <= RTOL * scale:      # a branch that is rounding noise (through a max) fits any factor
+            continue
+        ratio = 1 + ((excess * part).sum() / (part * part).sum()).item()
+        if close(excess, (ratio - 1) * part, scale):
+            return (f"{name} feeds {len(readers)} steps ({', '.join(readers)}): the branch through {reader} is "
+                    + ("minus what it should be" if abs(ratio + 1) <= 1e-4 else factor_words(ratio, e.g.constants)))
+    return None
 
 
 def broadcast(value, expected):
@@ -592,6 +657,12 @@ def broadcast(value, expected):
         return torch.broadcast_to(as_float64(value), expected.shape)
     except RuntimeError:
         return None
+
+
+def listed(names):
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def is_are(names):
@@ -613,11 +684,20 @@ def constant_factor_hint(yours, expected, scale, constants):
     ratio = ((yours * expected).sum() / norm).item()
     if not close(yours, ratio * expected, scale):
         return None
-    known = [(-1.0, "sign error: yours is exactly minus the right gradient")]
+    if abs(ratio + 1) <= 1e-4:
+        return "sign error: yours is exactly minus the right gradient"
+    return factor_words(ratio, constants)
+
+
+def factor_words(ratio, constants):
+    """Yours being ratio (not -1) times the right value, in words: 'off by a factor n = 32: check the 1/n of the
+    mean', ..., else the number."""
+    known = []
     for name, value in constants.items():
         if isinstance(value, int) and value > 2:     # a count a mean divides by (n, T, ...)
             known += [(float(value), f"off by a factor {name} = {value}: check the 1/{name} of the mean"),
-                      (1 / value, f"off by a factor 1/{name} = 1/{value}: check the 1/{name} of the mean")]
+                      (1 / value, f"off by a factor 1/{name} = 1/{value}: check the 1/{name} of the mean"),
+                      (float(value - 1), f"off by a factor {name} - 1 = {value - 1}: check the 1/({name} - 1)")]
     known += [(2.0, "off by a factor 2"), (0.5, "off by a factor 1/2: d(x^2)/dx = 2x")]
     for factor, hint in known:
         if abs(ratio - factor) <= 1e-4 * abs(factor):

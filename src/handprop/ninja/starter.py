@@ -42,12 +42,22 @@ def listing(names):
     return "\n".join(lines + [line.rstrip(", ") + "]"])
 
 
+DOCS_SECTION = "Backprop ninja"         # the section of mkdocs.yml's nav that lists each exercise's page
+DOCS_TITLE = "Exercise: {}"             # the page's title in that section, for an exercise's name
+
+
+def derivation(exercise):
+    """Where the exercise's derivation page is, in words that hold wherever the learner's file is written."""
+    return (f'the page "{DOCS_SECTION} > {DOCS_TITLE.format(exercise.name)}" of handprop\'s docs site, '
+            f"`docs/{exercise.page}` in handprop's repository")
+
+
 def header(exercise, kind):
     """The marker line and a docstring: what the file is, where the derivation is, how to grade it."""
     about = textwrap.fill(
-        f"{exercise.summary[0].upper()}{exercise.summary[1:]}. The derivation of every gradient: handprop's docs, "
-        f"page {exercise.page}. Run this file, or grade every version of each gradient it writes: "
-        "handprop grade <this file>", 100)
+        f"{exercise.summary[0].upper()}{exercise.summary[1:]}. The derivation of every gradient: "
+        f"{derivation(exercise)}. Run this file; `handprop grade` on it grades every version of each gradient it "
+        "writes.", 100, break_on_hyphens=False, break_long_words=False)
     return f'{MARKER}{exercise.name}\n"""Backprop ninja, {exercise.name}: {kind}.\n\n{about}\n"""\n\n{IMPORTS}'
 
 
@@ -98,7 +108,7 @@ def starter_notebook(exercise):
     intro = (f"# Backprop ninja: {exercise.name}\n\n{exercise.summary[0].upper()}{exercise.summary[1:]}.\n\n"
              f"Write every gradient where it says TODO, from the loss backwards; `cmp` compares each with "
              f"autograd, and `grade` says what is wrong in plain words. The derivation of every gradient: "
-             f"handprop's docs, page [{exercise.page}]({exercise.page}). From a shell, `handprop grade` on this "
+             f"{derivation(exercise)}. From a shell, `handprop grade` on this "
              "notebook grades every version of each gradient it writes.")
     cells = [markdown_cell(intro)]
     for i, (title, source) in enumerate(starter_sections(exercise)):
@@ -128,9 +138,16 @@ def write_new(path, text, suffixes):
     if path.exists():
         raise UserError(f"{path} exists already: choose another name (handprop never overwrites your work)")
     if not path.parent.is_dir():
-        raise UserError(f"no such folder for {path}: {path.parent}")
-    with path.open("x", encoding="utf-8") as f:
-        f.write(text)
+        raise UserError(f"no such folder for {path}: {path.parent} (create it first, or write the file elsewhere)")
+    created = False
+    try:
+        with path.open("x", encoding="utf-8") as f:
+            created = True
+            f.write(text)
+    except OSError as e:            # a folder handprop may not write to, a full disk
+        if created:
+            path.unlink()           # no half-written file left behind
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def write_starter(exercise, path):
