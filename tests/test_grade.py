@@ -208,6 +208,15 @@ def test_a_gradient_left_all_zeros_is_not_called_off_by_a_factor(tmp_path):
     assert "yours is all zeros" in result["dC"].message
 
 
+@pytest.mark.parametrize("factor, words", [("n / (n - 1)", "n/(n-1)"), ("(n - 1) / n", "(n-1)/n")])
+def test_a_gradient_off_by_bessels_factor_is_told_so_on_its_row(tmp_path, factor, words):
+    right = "dbnvar_inv = (bndiff * dbnraw).sum(0, keepdim=True)"
+    result = quiet_grade_script(broken_copy(tmp_path, right, f"{right} * {factor}"))
+    assert result.wrong == ["dbnvar_inv"]
+    message = result["dbnvar_inv"].message
+    assert f"off by the factor {words}: check whether each variance divides by n or by n-1" in message
+
+
 def test_the_missing_eps_is_told_apart_by_which_formula_it_matches(tmp_path):
     message = quiet_grade_script(broken_solution(tmp_path, "no eps in the derivative of bnvar_inv"))["dbnvar"].message
     # within RTOL of the right gradient, but much closer to the formula without eps

@@ -18,7 +18,6 @@ from .distributed import RankLost, launched
 from .errors import UserError
 from .evaluation import EVAL_CHUNK, evaluate, format_losses, make_run_splits
 from .gradcheck import check_layers
-from .models import count_parameters
 from .ninja.exercises import EXERCISES
 from .ninja.grade import did_you_mean, grade_script
 from .ninja.solutions import check_report
@@ -26,7 +25,7 @@ from .ninja.starter import write_solution, write_starter
 from .sample import CHUNK, Sampling, stream_samples
 from .settings import DEFAULT_MODEL, PRESETS, Overrides, check_ranks, new_settings, recipe, resumed_settings
 from .stops import Interrupted
-from .threads import use_threads
+from .threads import pass_work, use_threads
 from .workdir import check_work_dir, saved_run
 
 
@@ -272,7 +271,7 @@ def draw_report(work_dir, device):
 
 def run_sample(args):
     checkpoint = chosen_checkpoint(args)
-    use_threads(args.threads, count_parameters(checkpoint.model) * min(args.num_samples, CHUNK))  # a position each
+    use_threads(args.threads, pass_work(checkpoint.model, min(args.num_samples, CHUNK)))     # a position a sample
     generator = torch.Generator(device=args.device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
     sampling = Sampling(args.temperature, args.top_k)
@@ -301,7 +300,7 @@ def run_eval(args):
     spec = checkpoint.spec
     corpus = trained_corpus(spec, args.input_file)
     splits = make_run_splits(corpus, spec.model_config, spec.vocab, args.device)
-    use_threads(args.threads, count_parameters(checkpoint.model) * EVAL_CHUNK)  # a multiply-add a parameter, position
+    use_threads(args.threads, pass_work(checkpoint.model, EVAL_CHUNK))
     if not checkpoint.finished:             # not the run's final losses: say which step they are of
         print(f"{BEST if args.best else LATEST} in {args.work_dir} is at step {checkpoint.step} of "
               f"{spec.train_config.max_steps}: the run had not finished when it was saved (it is still training, "

@@ -7,10 +7,11 @@ it comes back: measured on 2 cores beside one busy loop, the mlp at 2 threads ra
 and the transformer 7x or more, where one thread lost nothing (docs/performance.md, Threads).
 
 The rule, `--threads auto` (the default):
-- A step gains from another thread only when it has the work to share: one thread per
-  WORK_PER_THREAD multiply-adds of its matrix products (counted on one forward pass). The
-  lecture's mlp (1.1M a step) takes 1 thread, which it is fastest on; the transformer
-  (0.3G) takes 2, which run it 1.29x faster than 1 on an idle machine.
+- A step gains from another thread only when each kernel has the work to share: one thread per
+  WORK_PER_THREAD multiply-adds of its average matrix product (counted on one forward pass; the
+  backward's products have the same sizes). Measured on 2 idle cores (benchmarks/under_load.py):
+  mlp-fast (6.2M a product) runs 1.5x faster on 2 threads and the transformer (4.2M) 1.4x, while
+  wavenet (1.0M), the gru and rnn (0.3M) and the lecture's mlp (0.2M) run as fast or slower.
 - Never more than the cores this process may use (its CPU affinity, a cgroup's CPU quota) and,
   under torchrun, its rank's share of them; an OMP_NUM_THREADS the user set is obeyed as is.
 - A run that would take more than 1 uses them only while other processes leave the cores free:
@@ -35,7 +36,7 @@ from .layers import eval_mode
 
 AUTO = "auto"
 MOST_THREADS = 1024                 # the largest --threads N
-WORK_PER_THREAD = 150_000_000       # multiply-adds a step needs per thread: the transformer's 0.3G keeps 2 busy
+WORK_PER_THREAD = 2_000_000         # multiply-adds of an average matrix product per thread: 4.2M keeps 2 busy
 FREE_SHARE = 0.25                   # a core counts as free while other processes take at most this share of it
 WATCH_SECONDS = 2.0                 # how often a run that gains from more threads reads the machine's load
 QUIET_READINGS = 2                  # free readings in a row before a run takes its threads back
@@ -90,7 +91,7 @@ def environment_threads(environ, ranks):
 
 
 class MatrixProducts(TorchFunctionMode):
-    """While active, counts the multiply-adds of every matrix product torch is asked for (torch's own counter,
+    """While active, counts the matrix products torch is asked for and their multiply-adds (torch's own counter,
     FlopCounterMode, costs every command a second to import the compiler)."""
 
     # where the right operand is among the arguments
@@ -98,7 +99,7 @@ class MatrixProducts(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.work = 0
+        self.work, self.products = 0, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -106,28 +107,30 @@ class MatrixProducts(TorchFunctionMode):
         if place is not None:               # (..., n, k) @ (..., k, m): n*m outputs of k multiply-adds each
             right = args[place]
             self.work += out.numel() * (right.shape[-2] if right.dim() > 1 else right.shape[0])
+            self.products += 1
         return out
 
 
-def forward_work(model, X):
-    """Multiply-adds of the matrix products in one forward pass of model over X, in evaluation mode (nothing is
-    updated; the same products as in training)."""
+def forward_products(model, X):
+    """The matrix products of one forward pass of model over X, in evaluation mode (nothing is updated; the same
+    products as in training): (their multiply-adds, how many there are)."""
     with eval_mode(model), MatrixProducts() as counter:
         model.forward(X)
-    return counter.work
+    return counter.work, counter.products
 
 
 def step_work(model, examples, batch_size):
-    """Multiply-adds of the matrix products in one training step: a forward pass over a batch as wide as the split's
-    widest (every batch of the compiled step), and the backward pass's two products for each of its
-    (dX = dY W^T, dW = X^T dY)."""
+    """The multiply-adds of a training step's average matrix product: a forward pass over a batch as wide as the
+    split's widest (every batch of the compiled step); the backward's two products for each forward one
+    (dX = dY W^T, dW = X^T dY) have its size."""
     rows = torch.zeros(batch_size, dtype=torch.long, device=examples.stream.device)     # any rows, padded to the width
-    X, _ = examples.batch(rows, padded_to=examples.width)
-    return 3 * forward_work(model, X)
+    work, products = forward_products(model, examples.batch(rows, padded_to=examples.width)[0])
+    return work // max(1, products)
 
 
 def wanted_threads(work, cores):
-    """How many threads a step of work multiply-adds keeps busy: one per WORK_PER_THREAD, at most cores, at least 1."""
+    """How many threads matrix products of work multiply-adds keep busy: one per WORK_PER_THREAD, at most cores, at
+    least 1."""
     return max(1, min(cores, work // WORK_PER_THREAD))
 
 
@@ -270,7 +273,7 @@ def short(work):
 
 
 def choose_threads(setting, work, environ=None, cores=None, load=None, say=None):
-    """The Threads of a command whose step (or pass) does work multiply-adds, under setting ('auto' or 'N').
+    """The Threads of a command whose matrix products do work multiply-adds each, under setting ('auto' or 'N').
 
     cores and load default to this process's (allowed_cores, Load.of_this_machine); tests give their own.
     """
@@ -287,13 +290,13 @@ def choose_threads(setting, work, environ=None, cores=None, load=None, say=None)
         return Threads(chosen, f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']} in the environment")
     wanted = wanted_threads(work, share)
     shared = f"; {ranks} ranks share this machine's {cores} cores" if ranks > 1 else ""
-    step = f"auto: a step of {short(work)} multiply-adds"
+    step = f"auto: matrix products of {short(work)} multiply-adds"
     if wanted_threads(work, MOST_THREADS) == 1:
-        return Threads(1, f"{step} gains nothing from a second thread{shared}")
+        return Threads(1, f"{step} gain nothing from a second thread{shared}")
     if wanted == 1:
         where = f"{ranks} ranks share this machine's {cores} cores" if ranks > 1 else "this process may use 1 core"
         return Threads(1, f"{step} would keep {wanted_threads(work, MOST_THREADS)} busy, but {where}")
-    reason = f"{step} keeps {wanted} busy{shared}"
+    reason = f"{step} keep {wanted} busy{shared}"
     load = Load.of_this_machine() if load is None else load
     if load is None:
         return Threads(1, f"{reason}, but the load of this machine cannot be read, and a busy core would stall them")
@@ -314,6 +317,13 @@ KEPT = Kept()
 def line_to(out):
     """say(line) for a log whose last line may be a progress line a terminal redraws: the line goes in its place."""
     return lambda line: out.write(("\r\033[K" if out.isatty() else "") + line + "\n")
+
+
+def pass_work(model, positions):
+    """The multiply-adds of the average matrix product of a pass over positions (eval, sample): each weight matrix
+    multiplies every position once."""
+    matrices = [p for p in model.parameters().values() if p.dim() == 2]
+    return sum(p.numel() for p in matrices) * positions // max(1, len(matrices))
 
 
 def use_threads(setting, work):

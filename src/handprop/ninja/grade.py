@@ -697,7 +697,11 @@ def factor_words(ratio, constants):
         if isinstance(value, int) and value > 2:     # a count a mean divides by (n, T, ...)
             known += [(float(value), f"off by a factor {name} = {value}: check the 1/{name} of the mean"),
                       (1 / value, f"off by a factor 1/{name} = 1/{value}: check the 1/{name} of the mean"),
-                      (float(value - 1), f"off by a factor {name} - 1 = {value - 1}: check the 1/({name} - 1)")]
+                      (float(value - 1), f"off by a factor {name} - 1 = {value - 1}: check the 1/({name} - 1)"),
+                      *((factor, f"off by the factor {words}: check whether each variance divides by {name} or by "
+                                 f"{name}-1 (Bessel's correction) as the forward does")
+                        for factor, words in ((value / (value - 1), f"{name}/({name}-1)"),
+                                              ((value - 1) / value, f"({name}-1)/{name}")))]
     known += [(2.0, "off by a factor 2"), (0.5, "off by a factor 1/2: d(x^2)/dx = 2x")]
     for factor, hint in known:
         if abs(ratio - factor) <= 1e-4 * abs(factor):
