@@ -1,5 +1,6 @@
-"""What the exercises' tests share: an exercise solved in float64, the relative difference their checks use, a
-recurrent exercise's numbers through handprop's own layers, and the lines a grader's row points at.
+"""What the exercises' tests share: an exercise solved in float64 and its solution checked against autograd, the
+relative difference their checks use, a recurrent exercise's numbers through handprop's own layers, and the lines a
+grader's row points at.
 
 The checks every exercise keeps are generic tests in test_exercises.py; tests/test_exercise_<name>.py hold
 what only one exercise has (its equality with handprop's own layers, its padding, its mask).
@@ -7,9 +8,11 @@ what only one exercise has (its equality with handprop's own layers, its padding
 
 import re
 
+import torch
+
 from handprop.layers import Embedding, Linear, Recurrent
 from handprop.losses import SequenceCrossEntropy
-from handprop.ninja.exercise import forward, run_code, run_setup
+from handprop.ninja.exercise import forward, reference_gradients, run_code, run_setup
 
 
 def relative(a, b):
@@ -48,3 +51,16 @@ def lines_in(where):
     """The line numbers a row's where ('line 7', 'lines 7-9', 'cell 3, lines 1-2') covers."""
     first, last = re.fullmatch(r"(?:cell \d+, )?lines? (\d+)(?:-(\d+))?", where).groups()
     return range(int(first), int(last or first) + 1)
+
+
+def check_solution(exercise, dtype=torch.float64):
+    """[(d<name>, max |solution - autograd|, that relative to the gradient's largest magnitude)] for every gradient."""
+    tensors, constants = run_setup(exercise, dtype)
+    values = forward(exercise, tensors, constants)
+    expected = reference_gradients(exercise, tensors, constants)
+    mine = run_code(exercise.solution_code, values, constants, f"<{exercise.name} solution>")
+    rows = []
+    for name in exercise.gradients:
+        diff = (mine["d" + name] - expected[name]).abs().max().item()
+        rows.append(("d" + name, diff, diff / max(expected[name].abs().max().item(), 1e-300)))
+    return rows

@@ -21,13 +21,12 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from exercise_checks import lines_in, relative, solved
+from exercise_checks import check_solution, lines_in, relative, solved
 from nbclient import NotebookClient
 
 from handprop.cli import main
 from handprop.ninja.exercise import (
     MODULES,
-    check_solution,
     forward,
     parse_forward,
     reference_gradients,

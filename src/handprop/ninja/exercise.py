@@ -136,15 +136,3 @@ def compiled_code(code, title):
     """code compiled once (the grader runs each slip and fused formula for many versions)."""
     return compile(code, title, "exec")
 
-
-def check_solution(exercise, dtype=torch.float64):
-    """[(d<name>, max |solution - autograd|, that relative to the gradient's largest magnitude)] for every gradient."""
-    tensors, constants = run_setup(exercise, dtype)
-    values = forward(exercise, tensors, constants)
-    expected = reference_gradients(exercise, tensors, constants)
-    mine = run_code(exercise.solution_code, values, constants, f"<{exercise.name} solution>")
-    rows = []
-    for name in exercise.gradients:
-        diff = (mine["d" + name] - expected[name]).abs().max().item()
-        rows.append(("d" + name, diff, diff / max(expected[name].abs().max().item(), 1e-300)))
-    return rows
