@@ -20,6 +20,7 @@ from handprop.gradcheck import part_params, twin_forward
 from handprop.layers import Residual, Sequential, walk
 from handprop.models import build_model
 from handprop.optim import make_optimizer
+from handprop.packing import pack, real_positions
 from handprop.settings import preset, recipe
 from handprop.step import clip_and_update, forward_backward, schedule_for
 from handprop.train import train
@@ -136,7 +137,8 @@ def test_recorded_statistics_equal_a_direct_computation(tmp_path, name, override
         Xb, Yb = examples.sample(config.batch_size, generator)      # the run's batch, padded as the run padded it
         masks = generator.get_state()
         with torch.inference_mode():                           # the hand-written passes the run took
-            forward_backward(model, criterion, Xb, Yb)         # (they move BatchNorm's running statistics)
+            X, Y = pack(Xb, Yb, real_positions(Yb)) if model.packs else (Xb, Yb)    # on the rows the run computed
+            forward_backward(model, criterion, X, Y)           # (they move BatchNorm's running statistics)
         drawn = generator.get_state()
         generator.set_state(masks)                             # the twins draw the same dropout masks...
         passes = autograd_pass(model, Xb, Yb)

@@ -22,7 +22,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .config import AUTO_COMPILE_STEPS
 from .errors import UserError
-from .step import clip_and_update, forward_backward
+from .packing import capacity, fixed_positions, pack
+from .step import EagerStep, clip_and_update, forward_backward
 
 
 def compile_obstacle(config, world_size, diagnostics):
@@ -57,42 +58,58 @@ class CompiledStep:
     examples at learning rate lr; it returns (the batch's loss, stop). Dropout's noise is drawn outside
     the graph, from each layer's generator in the order the eager forward draws it, and handed in
     through the layers' noise source (Layer.take_noise_from): the same masks as the eager step's.
+
+    A model that packs (packing.py) computes a fixed number of rows in every step: the batch's real
+    positions and enough padding cells to fill them. The rare batch with more real positions than
+    that takes the eager step, which does the same arithmetic.
     """
 
     def __init__(self, model, optimizer, criterion, examples, batch_size, grad_clip):
-        self.optimizer = optimizer
+        self.optimizer, self.examples = optimizer, examples
         self.dtype = next(iter(model.parameters().values())).dtype
+        self.rows = capacity(examples, batch_size) if model.packs else 0     # rows of a packed batch; 0: not packed
         # every tensor the step reads or updates, passed in so that the graph updates these very tensors
         self.state = [*model.parameters().values(), *model.buffers().values(), *optimizer.tensors(),
                       examples.stream, examples.bounds]
 
         handed = []     # the noise the traced step hands its dropout layers, in the order they draw
 
-        def step(ix, numbers, *noise_and_state):    # the layers and the optimiser reach the state themselves
+        def step(ix, index, numbers, *noise_and_state):     # the layers and the optimiser reach the state themselves
             handed[:] = noise_and_state[: len(noise_and_state) - len(self.state)]
             X, Y = examples.batch(ix, padded_to=examples.width)     # one shape for every step: one graph
+            if self.rows:
+                X, Y = pack(X, Y, index)                            # index (rows,): every step the same shape
             loss = forward_backward(model, criterion, X, Y)
             clip_and_update(model, optimizer, grad_clip, numbers.unbind())
             return loss
 
         ix = torch.zeros(batch_size, dtype=torch.long)     # any rows: the graph depends on their shape only
+        index = torch.arange(self.rows)                     # any cells (the first always counts): the same
         numbers = torch.ones(len(optimizer.NUMBERS), dtype=self.dtype)
         started = time.perf_counter()
-        self.draws = noise_draws(model, lambda: step(ix, numbers), self.state)
+        self.draws = noise_draws(model, lambda: step(ix, index, numbers), self.state)
         noise = [torch.rand(shape, dtype=dtype) for _, shape, dtype in self.draws]
         with noise_from(model, lambda layer, shape, dtype, device: handed.pop(0)):
-            graph = recorded(lambda: make_fx(step)(ix, numbers, *noise, *self.state), self.state)
+            graph = recorded(lambda: make_fx(step)(ix, index, numbers, *noise, *self.state), self.state)
         check_constants(graph, self.state)
-        example = [ix, numbers, *noise, *(t.clone() for t in self.state)]
+        example = [ix, index, numbers, *noise, *(t.clone() for t in self.state)]
         with torch._inductor.config.patch(cpp_wrapper=True):    # the graph's calls from C++: no Python between them
             self.compiled = torch._inductor.standalone_compile(graph, example, dynamic_shapes="from_example_inputs")
         self.seconds = time.perf_counter() - started
+        self.eager = EagerStep(model, optimizer, criterion, examples, grad_clip) if self.rows else None
 
     def __call__(self, rows, lr, stop=False):
         """(the batch's mean loss, stop) after one step on the rows (B,) at lr: step.EagerStep's call."""
+        index = self.no_index
+        if self.rows:
+            index = fixed_positions(self.examples.batch(rows, padded_to=self.examples.width)[1], self.rows)
+            if index is None:               # more real positions than the graph holds
+                return self.eager(rows, lr, stop)
         numbers = torch.tensor(self.optimizer.next_numbers(lr), dtype=self.dtype)
         noise = [layer.uniform(shape, dtype, "cpu") for layer, shape, dtype in self.draws]    # as the eager step draws
-        return self.compiled(rows, numbers, *noise, *self.state).item(), stop
+        return self.compiled(rows, index, numbers, *noise, *self.state).item(), stop
+
+    no_index = torch.zeros(0, dtype=torch.long)     # the index input of a graph that does not pack
 
 
 @contextmanager

@@ -108,6 +108,7 @@ def residual_twin(layer, x, p):
 
 
 def token_position_twin(layer, ix, p):
+    layer.layout.packed = None      # as the layer's forward on a (B, T) batch: its dropout draws the grid's masks
     positions = torch.arange(ix.shape[1], device=ix.device)              # (T,)
     return F.embedding(ix, p["wte"]) + F.embedding(positions, p["wpe"])  # (B, T, C)
 

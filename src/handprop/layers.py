@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .packing import Layout, Packed
 
 
 class Layer:
@@ -29,6 +30,7 @@ class Layer:
 
     training = True
     grads = {}  # replaced (never mutated) by backward in layers that have parameters
+    packs = False   # whether forward takes a packing.Packed batch: only the positions that have a target
 
     def forward(self, x):
         """Compute the output, keeping on self only what backward needs."""
@@ -365,6 +367,10 @@ class Sequential(Layer):
     def children(self):
         return self.layers
 
+    @property
+    def packs(self):
+        return self.layers[0].packs             # the first layer reads the batch
+
     def new_cache(self):
         return [layer.new_cache() for layer in self.layers]
 
@@ -454,10 +460,11 @@ class Dropout(Layer):
     that generator's state draws the same masks after a resume. Identity in evaluation mode.
     """
 
-    def __init__(self, p, generator):
+    def __init__(self, p, generator, layout=None):
         if not 0.0 <= p < 1.0:
             raise UserError(f"dropout must be at least 0 and below 1, got {p}")
         self.p, self.generator = p, generator
+        self.layout = layout or Layout()    # a transformer's: its input may be packed rows of a (B, T) grid
         self.mask = None
 
     rows = None     # data parallel: (this process's rows, as a slice, of a batch of n rows); None: the whole batch
@@ -476,11 +483,13 @@ class Dropout(Layer):
         """1/(1-p) where an entry of x is kept, 0 where it is dropped; advances the generator.
 
         Data parallel, the whole batch's mask is drawn and this process's rows kept: N processes drop
-        what one process with the whole batch drops, and every generator stays in step."""
-        shape = x.shape if self.rows is None else (self.rows[1], *x.shape[1:])
+        what one process with the whole batch drops, and every generator stays in step. Packed rows
+        get their cells of the whole grid's mask: the masks a padded batch gets."""
+        grid = self.layout.grid_shape(x)                # (B, T, ...)
+        shape = grid if self.rows is None else (self.rows[1], *grid[1:])
         keep = self.uniform(shape, x.dtype, x.device) >= self.p
         keep = keep if self.rows is None else keep[self.rows[0]]
-        return keep.to(x.dtype) / (1.0 - self.p)
+        return self.layout.to_rows(keep.to(x.dtype) / (1.0 - self.p))
 
     def uniform(self, shape, dtype, device):
         """Uniform noise in [0, 1) from the layer's generator, or from its noise source when it has one."""
@@ -542,22 +551,34 @@ class Position:
 
 
 class TokenPositionEmbedding(Layer):
-    """A token embedding plus a learned position embedding (GPT-2): (B, T) indices -> (B, T, C)."""
+    """A token embedding plus a learned position embedding (GPT-2): (B, T) indices -> (B, T, C), or a Packed batch
+    -> (N, C), its rows only; it tells the layers sharing its layout which of the two this forward pass is."""
 
-    def __init__(self, wte, wpe):
+    packs = True
+
+    def __init__(self, wte, wpe, layout=None):
         self.wte = wte                          # (V, C) one vector per token
         self.wpe = wpe                          # (block_size, C) one vector per position
+        self.layout = layout or Layout()
         self.grads = {}
 
     def forward(self, ix):
-        self.ix = ix                            # (B, T) token indices, T <= block_size
-        return self.wte[ix] + self.wpe[: ix.shape[1]]   # (B, T, C)
+        self.layout.packed = ix if isinstance(ix, Packed) else None
+        if self.layout.packed is None:
+            self.tokens, self.positions = ix, None  # (B, T) token indices, T <= block_size
+            return self.wte[ix] + self.wpe[: ix.shape[1]]   # (B, T, C)
+        self.tokens, self.positions = ix.to_rows(ix.tokens), ix.positions   # (N,) each
+        return self.wte[self.tokens] + self.wpe[self.positions]            # (N, C)
 
     def backward(self, dout):
-        # dwte[v] = sum of the dout rows whose token is v (scatter-add); dwpe[t] = sum over the batch of dout[:, t]
-        dwte = torch.zeros_like(self.wte).index_add_(0, self.ix.reshape(-1), dout.reshape(-1, self.wte.shape[1]))
+        # dwte[v] = sum of the dout rows whose token is v (scatter-add); dwpe[t] = sum of the dout rows at position t
+        C = self.wte.shape[1]
+        dwte = torch.zeros_like(self.wte).index_add_(0, self.tokens.reshape(-1), dout.reshape(-1, C))
         dwpe = torch.zeros_like(self.wpe)
-        dwpe[: dout.shape[1]] = dout.sum(0)
+        if self.positions is None:
+            dwpe[: dout.shape[1]] = dout.sum(0)     # (B, T, C): every row has positions 0..T-1
+        else:
+            dwpe.index_add_(0, self.positions, dout)
         self.grads = {"wte": dwte, "wpe": dwpe}
         return None                             # indices have no gradient
 
@@ -628,14 +649,16 @@ class CausalSelfAttention(Layer):
     """Multi-head masked self-attention (Vaswani et al. 2017, GPT-2's layout): (B, T, C) -> (B, T, C).
 
     qkv is a Linear C -> 3C whose output splits into queries, keys and values (n_head heads of
-    C/n_head each), proj a Linear C -> C. Position t attends to positions 0..t only.
+    C/n_head each), proj a Linear C -> C. Position t attends to positions 0..t only. Given packed
+    rows (N, C) (its layout says so), it attends on their (B, T) grid and returns rows again.
     """
 
-    def __init__(self, qkv, proj, n_head):
+    def __init__(self, qkv, proj, n_head, layout=None):
         width = proj.weight.shape[0]
         if width % n_head:
             raise UserError(f"n_embd {width} is not a multiple of n_head {n_head}")
         self.qkv, self.proj, self.n_head = qkv, proj, n_head
+        self.layout = layout or Layout()
 
     def split_heads(self, t):
         """(B, T, C) -> (B, n_head, T, head_size)."""
@@ -643,21 +666,23 @@ class CausalSelfAttention(Layer):
         return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
 
     def forward(self, x):
-        self.q, self.k, self.v = (self.split_heads(t) for t in self.qkv.forward(x).chunk(3, dim=-1))  # (B, nh, T, hs)
+        qkv = self.layout.to_grid(self.qkv.forward(x))                      # (B, T, 3C), zero off the rows
+        self.q, self.k, self.v = (self.split_heads(t) for t in qkv.chunk(3, dim=-1))    # (B, nh, T, hs)
         self.scale = self.q.shape[-1] ** -0.5                               # 1/sqrt(head_size)
         scores = (self.q @ self.k.transpose(-2, -1)).mul_(self.scale)       # (B, nh, T, T)
-        scores.add_(causal_mask(x.shape[1], x.device, x.dtype))             # -inf on the future
+        scores.add_(causal_mask(qkv.shape[1], x.device, x.dtype))           # -inf on the future
         self.probs = torch.softmax(scores, dim=-1)                          # (B, nh, T, T), 0 on the future
-        return self.proj.forward(merge_heads(self.probs @ self.v))         # (B, T, C)
+        return self.proj.forward(self.layout.to_rows(merge_heads(self.probs @ self.v)))     # (B, T, C) or (N, C)
 
     def backward(self, dout):
         # y = P v: dP = dy v^T, dv = P^T dy; scores = q k^T * scale: dq = dS k * scale, dk = dS^T q * scale
-        dy = self.split_heads(self.proj.backward(dout))                     # (B, nh, T, hs)
+        dy = self.split_heads(self.layout.to_grid(self.proj.backward(dout)))    # (B, nh, T, hs)
         dprobs = dy @ self.v.transpose(-2, -1)                              # (B, nh, T, T)
         dv = self.probs.transpose(-2, -1) @ dy
         dscores = softmax_backward(self.probs, dprobs) * self.scale         # 0 on the future, where P is 0
         dq, dk = dscores @ self.k, dscores.transpose(-2, -1) @ self.q
-        return self.qkv.backward(torch.cat([merge_heads(dq), merge_heads(dk), merge_heads(dv)], dim=-1))
+        dqkv = torch.cat([merge_heads(dq), merge_heads(dk), merge_heads(dv)], dim=-1)  # (B, T, 3C)
+        return self.qkv.backward(self.layout.to_rows(dqkv))
 
     def new_cache(self):
         return KVCache()

@@ -29,6 +29,7 @@ from .layers import (
     Tanh,
     TokenPositionEmbedding,
 )
+from .packing import Layout
 
 TANH_GAIN = 5 / 3           # Kaiming gain for tanh (He et al. 2015; torch.nn.init.calculate_gain)
 
@@ -114,21 +115,22 @@ def build_transformer(config, randn, constant, generator):
     """GPT-2 as in makemore and nanoGPT: token + position embeddings, pre-LayerNorm blocks, a last LayerNorm."""
     C, V, p = config.n_embd, config.vocab_size, config.dropout
     std, proj_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)    # GPT-2: residual projections scaled down
+    layout = Layout()       # packed rows or the (B, T) grid, set by the embedding each forward (packing.py)
 
     def layer_norm():
         return LayerNorm(constant(1.0, C), constant(0.0, C))
 
     def block():
         attention = CausalSelfAttention(Linear(randn(C, 3 * C, scale=std), constant(0.0, 3 * C)),
-                                        Linear(randn(C, C, scale=proj_std), constant(0.0, C)), config.n_head)
+                                        Linear(randn(C, C, scale=proj_std), constant(0.0, C)), config.n_head, layout)
         mlp = [Linear(randn(C, 4 * C, scale=std), constant(0.0, 4 * C)), GELU(),
                Linear(randn(4 * C, C, scale=proj_std), constant(0.0, C))]
-        return [Residual(Sequential([layer_norm(), attention, Dropout(p, generator)])),
-                Residual(Sequential([layer_norm(), *mlp, Dropout(p, generator)]))]
+        return [Residual(Sequential([layer_norm(), attention, Dropout(p, generator, layout)])),
+                Residual(Sequential([layer_norm(), *mlp, Dropout(p, generator, layout)]))]
 
     return Sequential([
-        TokenPositionEmbedding(randn(V, C, scale=std), randn(config.block_size, C, scale=std)),   # (B, T, C)
-        Dropout(p, generator),
+        TokenPositionEmbedding(randn(V, C, scale=std), randn(config.block_size, C, scale=std), layout),  # (B, T, C)
+        Dropout(p, generator, layout),
         *[layer for _ in range(config.n_layers) for layer in block()],
         layer_norm(),
         Linear(randn(C, V, scale=std)),                     # (B, T, C) -> (B, T, V), no bias as in GPT-2

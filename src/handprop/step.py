@@ -15,6 +15,7 @@ is the batch's mean loss (a float, read on the host), agreed whether any rank as
 from .diagnostics import NoDiagnostics
 from .distributed import ALONE
 from .optim import clip_grad_norm, make_schedule
+from .packing import pack, real_positions
 
 NO_DIAGNOSTICS = NoDiagnostics()
 
@@ -57,6 +58,8 @@ class EagerStep:
     def __call__(self, rows, lr, stop=False):
         """(the batch's mean loss, whether any rank asked to stop) after one step on the rows (B,) at lr."""
         X, Y, share = self.world.shard(*self.examples.batch(rows))
+        if self.model.packs:                # a transformer computes only the positions that have a target
+            X, Y = pack(X, Y, real_positions(Y))
         loss = forward_backward(self.model, self.criterion, X, Y, share)
         loss, agreed = self.world.all_reduce(self.model.grads, loss * share, stop)
         clip_and_update(self.model, self.optimizer, self.grad_clip, self.optimizer.next_numbers(lr), self.diagnostics)
