@@ -9,12 +9,15 @@ batch size, learning rate per step, clipping and optimiser.
 - eager: the same hand-written step op by op (`handprop train --compile off`: step.EagerStep).
 - autograd, the baseline: the lectures' loop, Xb, Yb = X[ix], Y[ix] from the whole split's
   example tensors, loss.backward() through the autograd twins (gradcheck.twin_forward), then the
-  same clipping and update code as handprop.
+  same clipping and update code as handprop; always in float32, as in the lectures.
+With --dtype bf16 (the transformer only) the two hand-written steps multiply in bf16, as
+`handprop train --dtype bf16` does (Layer.multiply_in); the autograd baseline stays float32.
 The three take turns, `--repeats` times, so a noisy spell on a shared machine hits all alike, and
 each keeps its best turn. Prints steps/s of each and the ratios to autograd (>1: handprop is faster).
 
     python benchmarks/speed.py [--model mlp] [--steps N] [--repeats 5] [--threads 2]
     python benchmarks/speed.py --all [--threads 2]      # one Markdown table row per model
+    python benchmarks/speed.py --model transformer --dtype bf16 [--threads 2]   # mixed precision by hand
 """
 
 import argparse
@@ -31,7 +34,7 @@ from handprop.models import count_parameters, describe
 from handprop.optim import clip_grad_norm, make_optimizer
 from handprop.settings import PRESETS, preset, recipe
 from handprop.step import EagerStep, schedule_for
-from handprop.train import new_run, prepare
+from handprop.train import PRODUCTS_IN, new_run, prepare
 
 TABLE = ("mlp", "wavenet", "mlp-fast", "bigram", "rnn", "gru", "transformer")  # the README's table of models
 DEFAULT_STEPS = {"mlp": 3000, "mlp-part3": 3000, "deep": 1000, "wavenet": 1000, "mlp-fast": 200, "bigram": 3000,
@@ -50,6 +53,7 @@ def turn(step):
 
 def compiled(run, examples, config):
     """The compiled step's turn: compiling first (untimed), then steps(batches, schedule)."""
+    run.model.multiply_in(PRODUCTS_IN[config.dtype])
     with torch.inference_mode():
         return turn(CompiledStep(run.model, run.optimizer, examples.form.criterion(), examples, config.batch_size,
                                  config.grad_clip))
@@ -57,6 +61,7 @@ def compiled(run, examples, config):
 
 def eager(run, examples, config):
     """The same step op by op (step.EagerStep, what train.run_steps takes with --compile off)."""
+    run.model.multiply_in(PRODUCTS_IN[config.dtype])
     return turn(EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip))
 
 
@@ -94,9 +99,9 @@ def best_rates(contenders, run_factory, batches, schedule, repeats):
     return {name: max(r) for name, r in rates.items()}  # the least disturbed turn of each
 
 
-def measure(corpus, name, steps, repeats):
-    """({contender: steps/s}, the run) for one model."""
-    config = replace(recipe(name), max_steps=steps)
+def measure(corpus, name, steps, repeats, dtype="float32"):
+    """({contender: steps/s}, the run) for one model; dtype: the hand-written steps' matrix products."""
+    config = replace(recipe(name), max_steps=steps, dtype=dtype)
     if config.schedule == "cosine" and config.warmup >= steps:     # a short run keeps a tenth of it for warmup
         config = replace(config, warmup=steps // 10)
     splits, run = prepare(corpus, preset(name), config, None)
@@ -117,7 +122,11 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="steps per turn (default: a few seconds' worth per model)")
     p.add_argument("--repeats", type=int, default=5, help="turns each; the best one counts")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads: the 2 cores of the acceptance")
+    p.add_argument("--dtype", default="float32", choices=list(PRODUCTS_IN),
+                   help="the hand-written steps' matrix products (bf16: the transformer only); autograd stays float32")
     args = p.parse_args()
+    if args.dtype != "float32" and (args.all or args.model != "transformer"):
+        p.error("--dtype bf16 is for --model transformer only, as in handprop train")
     torch.set_num_threads(args.threads)
     corpus = load_corpus()
     if args.all:
@@ -127,7 +136,7 @@ def main():
         print("|---|---|---|---|---|---|---|")
     for name in TABLE if args.all else [args.model]:
         steps = args.steps or DEFAULT_STEPS[name]
-        rates, run = measure(corpus, name, steps, args.repeats)
+        rates, run = measure(corpus, name, steps, args.repeats, args.dtype)
         compiled_rate, auto = rates["compiled"], rates["autograd"]
         if args.all:
             print(f"| `{name}` | {steps} | {compiled_rate:.0f} | {rates['eager']:.0f} | {auto:.0f} | "
@@ -136,7 +145,8 @@ def main():
         config = run.spec.train_config
         print(f"model {name}: {describe(run.spec.model_config)}, {count_parameters(run.model)} parameters")
         print(f"batch {config.batch_size}, {config.optimizer}" + (f", clip {config.grad_clip:g}" if config.grad_clip
-              else "") + f"; {steps} steps x {args.repeats} turns, {torch.get_num_threads()} threads")
+              else "") + f"; {steps} steps x {args.repeats} turns, {torch.get_num_threads()} threads; hand-written "
+              f"steps' products in {args.dtype}, autograd's in float32")
         for contender, rate in rates.items():
             print(f"{contender + ':':10s}{rate:8.0f} steps/s" + (f"   {rate / auto:.2f}x autograd"
                                                                   if contender != "autograd" else ""))

@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")      # the lectures' single step decay; nanoGPT's warmup then cosine
 DEVICES = ("cpu", "cuda")
 COMPILE_MODES = ("auto", "on", "off")
+DTYPES = ("float32", "bf16")        # the training step's matrix products: float32, or bfloat16 (mixed precision)
 AUTO_COMPILE_STEPS = 10_000     # --compile auto compiles runs this long or longer: compiling takes 5-60 s, once
 
 
@@ -91,6 +92,9 @@ class TrainConfig:
     compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on; off, op by op; "
                            f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES,
                            flags=("--compile",), resumable=True)
+    dtype: str = setting("float32", "the training step's matrix products: float32, or bf16 (mixed precision: "
+                         "bfloat16 operands, float32 weights, optimiser and the rest; transformer only); evaluation "
+                         "and sampling stay float32", choices=DTYPES, flags=("--dtype",))
     log_every: int = setting(10_000, "steps between log lines when the output is not a terminal", 1, 10**9,
                              flags=("--log-every",), resumable=True)
     save_every: int = setting(10_000, "steps between checkpoints (latest, and best by val loss)", 1, 10**9,
@@ -185,7 +189,7 @@ def preset_config(base, **overrides):
 
 
 # settings added after the first checkpoints were written: one that lacks them ran with their default
-ADDED_SETTINGS = {"lookup_tables", "compile", "threads"}
+ADDED_SETTINGS = {"lookup_tables", "compile", "threads", "dtype"}
 
 
 def config_from_dict(cls, saved, what):

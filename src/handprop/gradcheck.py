@@ -52,8 +52,17 @@ def embedding_twin(layer, ix, p):
     return F.embedding(ix, p["weight"])                         # (B, T, E)
 
 
+def mixed_product(a, b, dtype):
+    """a @ b as a layer multiplies under multiply_in(dtype): operands cast to dtype, the product cast back."""
+    return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
+
+
 def linear_twin(layer, x, p):
-    return F.linear(x, p["weight"].T, p.get("bias"))            # (..., fan_out)
+    dtype = layer.products_in()
+    if dtype is None:
+        return F.linear(x, p["weight"].T, p.get("bias"))        # (..., fan_out)
+    out = mixed_product(x, p["weight"], dtype)                  # (..., fan_out), the bias added in x's dtype
+    return out if p.get("bias") is None else out + p["bias"]
 
 
 def lookup_linear_twin(layer, ix, p):
@@ -117,7 +126,13 @@ def attention_twin(layer, x, p):
     B, T, C = x.shape
     qkv = linear_twin(layer.qkv, x, part_params(p, "qkv", layer.qkv))   # (B, T, 3C)
     q, k, v = (t.reshape(B, T, layer.n_head, C // layer.n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)         # (B, nh, T, hs), scaled by 1/sqrt(hs)
+    dtype = layer.products_in()
+    if dtype is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)     # (B, nh, T, hs), scaled by 1/sqrt(hs)
+    else:   # both products cast as the layer casts them (SDPA would multiply in a fused kernel of its own)
+        scores = mixed_product(q, k.transpose(-2, -1), dtype) * q.shape[-1] ** -0.5    # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        y = mixed_product(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1), v, dtype)
     return linear_twin(layer.proj, y.transpose(1, 2).reshape(B, T, C), part_params(p, "proj", layer.proj))
 
 

@@ -4,10 +4,11 @@
     dx = layer.backward(dy)    returns dL/dx and stores dL/dparam in layer.grads
     layer.parameters()         {name: tensor} in a stable order; layer.grads has the same keys
 
-Three seams, declared here with defaults that pass them on to the layers inside, let other modules
+Four seams, declared here with defaults that pass them on to the layers inside, let other modules
 change how a layer acts without reaching into it: share_batch (distributed.py: a layer that looks
 across the batch acts on the global batch), use_generator (a resumed run: the generator random
-noise is drawn from) and take_noise_from (compiled.py, data.py: where random noise comes from).
+noise is drawn from), take_noise_from (compiled.py, data.py: where random noise comes from) and
+multiply_in (train.py: the dtype of the matrix products in training, bf16 for mixed precision).
 
 Every backward here is proven against an autograd twin and finite differences in
 gradcheck.py. Nothing in this file calls autograd.
@@ -25,12 +26,22 @@ from .errors import UserError
 from .packing import Layout, Packed
 
 
+def product(a, b, dtype=None, bias=None):
+    """bias + a @ b; dtype (bf16): the operands cast to it for the multiply, the product cast back to a's dtype and
+    the bias added there (mixed precision, as in llm.c); None: in the operands' own dtype, the bias in the same call."""
+    if dtype is not None:
+        out = (a.to(dtype) @ b.to(dtype)).to(a.dtype)
+        return out if bias is None else out.add_(bias)
+    return a @ b if bias is None else torch.addmm(bias, a, b)
+
+
 class Layer:
     """The contract every layer keeps; a layer without parameters inherits the defaults."""
 
     training = True
     grads = {}  # replaced (never mutated) by backward in layers that have parameters
     packs = False   # whether forward takes a packing.Packed batch: only the positions that have a target
+    product_dtype = None    # multiply_in's dtype for the matrix products in training; None: the tensors' own
 
     def forward(self, x):
         """Compute the output, keeping on self only what backward needs."""
@@ -81,6 +92,18 @@ class Layer:
         draws, then hands its graph the noise through this; by default passed on to the layers inside."""
         for child in self.children():
             child.take_noise_from(source)
+
+    def multiply_in(self, dtype):
+        """Mixed precision: the dtype (torch.bfloat16) a layer's matrix products cast their operands to in training,
+        forward and backward, their results cast back; None: the tensors' own. Evaluation mode (evaluation, sampling)
+        always multiplies in the tensors' own dtype. Set on this layer and passed on to the layers inside."""
+        self.product_dtype = dtype
+        for child in self.children():
+            child.multiply_in(dtype)
+
+    def products_in(self):
+        """The dtype this layer's matrix products run in now: multiply_in's in training, None (the tensors') in eval."""
+        return self.product_dtype if self.training else None
 
     def new_cache(self):
         """What step() keeps from one position to the next (None: the layer treats each position alone)."""
@@ -153,17 +176,18 @@ class Linear(Layer):
     def forward(self, x):
         self.x = x                                              # (..., fan_in)
         x2d = x.reshape(-1, self.weight.shape[0])               # (N, fan_in): every leading position is a row
-        out = x2d @ self.weight if self.bias is None else torch.addmm(self.bias, x2d, self.weight)   # one call
+        out = product(x2d, self.weight, self.products_in(), self.bias)     # (N, fan_out)
         return out.view(*x.shape[:-1], self.weight.shape[1])    # (..., fan_out)
 
     def backward(self, dout):
         # dW = x^T dout, db = sum of dout over every leading dimension, dx = dout W^T
         x2d = self.x.reshape(-1, self.weight.shape[0])          # (N, fan_in)
         dout2d = dout.reshape(-1, self.weight.shape[1])         # (N, fan_out)
-        self.grads = {"weight": x2d.T @ dout2d}
+        dtype = self.products_in()
+        self.grads = {"weight": product(x2d.T, dout2d, dtype)}
         if self.bias is not None:
             self.grads["bias"] = dout2d.sum(0)
-        return (dout2d @ self.weight.T).view(self.x.shape)      # (..., fan_in)
+        return product(dout2d, self.weight.T, dtype).view(self.x.shape)     # (..., fan_in)
 
     def parameters(self):
         return {"weight": self.weight} if self.bias is None else {"weight": self.weight, "bias": self.bias}
@@ -669,18 +693,21 @@ class CausalSelfAttention(Layer):
         qkv = self.layout.to_grid(self.qkv.forward(x))                      # (B, T, 3C), zero off the rows
         self.q, self.k, self.v = (self.split_heads(t) for t in qkv.chunk(3, dim=-1))    # (B, nh, T, hs)
         self.scale = self.q.shape[-1] ** -0.5                               # 1/sqrt(head_size)
-        scores = (self.q @ self.k.transpose(-2, -1)).mul_(self.scale)       # (B, nh, T, T)
+        dtype = self.products_in()
+        scores = product(self.q, self.k.transpose(-2, -1), dtype).mul_(self.scale)     # (B, nh, T, T)
         scores.add_(causal_mask(qkv.shape[1], x.device, x.dtype))           # -inf on the future
         self.probs = torch.softmax(scores, dim=-1)                          # (B, nh, T, T), 0 on the future
-        return self.proj.forward(self.layout.to_rows(merge_heads(self.probs @ self.v)))     # (B, T, C) or (N, C)
+        y = merge_heads(product(self.probs, self.v, dtype))                 # (B, T, C)
+        return self.proj.forward(self.layout.to_rows(y))                    # (B, T, C) or (N, C)
 
     def backward(self, dout):
         # y = P v: dP = dy v^T, dv = P^T dy; scores = q k^T * scale: dq = dS k * scale, dk = dS^T q * scale
+        dtype = self.products_in()
         dy = self.split_heads(self.layout.to_grid(self.proj.backward(dout)))    # (B, nh, T, hs)
-        dprobs = dy @ self.v.transpose(-2, -1)                              # (B, nh, T, T)
-        dv = self.probs.transpose(-2, -1) @ dy
+        dprobs = product(dy, self.v.transpose(-2, -1), dtype)               # (B, nh, T, T)
+        dv = product(self.probs.transpose(-2, -1), dy, dtype)
         dscores = softmax_backward(self.probs, dprobs) * self.scale         # 0 on the future, where P is 0
-        dq, dk = dscores @ self.k, dscores.transpose(-2, -1) @ self.q
+        dq, dk = product(dscores, self.k, dtype), product(dscores.transpose(-2, -1), self.q, dtype)
         dqkv = torch.cat([merge_heads(dq), merge_heads(dk), merge_heads(dv)], dim=-1)  # (B, T, 3C)
         return self.qkv.backward(self.layout.to_rows(dqkv))
 

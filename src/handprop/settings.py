@@ -99,6 +99,8 @@ USES = {
     "warmup": (_schedule("cosine"), "the cosine schedule only", "add --schedule cosine, or leave --warmup out"),
     "min_lr": (_schedule("cosine"), "the cosine schedule only", "add --schedule cosine, or leave --min-lr out"),
     "lr_decay_at": (_schedule("step"), "the step schedule only", "add --schedule step, or leave --lr-decay-at out"),
+    "dtype": (_kinds("transformer"), "the transformer only", "leave it out (the other models' matrix products are "
+              "too small for bf16 to gain, or not all in Linear layers)"),
 }
 
 # the switches that set a model setting, where no flag of its own does

@@ -40,6 +40,9 @@ from .stops import Interrupted, interruption, resume_hint, signal_handler, stop_
 from .threads import KEPT, OnePerCount, choose_threads, line_to, step_work
 from .workdir import owned, saving
 
+# the dtype each TrainConfig.dtype multiplies the training step's matrix products in (Layer.multiply_in)
+PRODUCTS_IN = {"float32": None, "bf16": torch.bfloat16}
+
 
 @dataclass
 class Run:
@@ -139,6 +142,7 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
         run.threads = choose_threads(config.threads, step_work(run.model, splits.tensors["train"], config.batch_size),
                                      say=line_to(out))
         world.attach(run.model, config.batch_size)
+        run.model.multiply_in(PRODUCTS_IN[config.dtype])    # in training mode only: evaluation stays float32
         world.check_same(run.digest)
         with owned(work_dir, resume_from, world):   # held to the end: a second train on work_dir is refused
             sizes = " / ".join(f"{examples.scored()}" for examples in splits.tensors.values())
@@ -152,6 +156,9 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
             if world.size > 1:
                 out.write(world.describe(config.batch_size) + "\n")
             out.write(run.threads.describe() + "\n")
+            if config.dtype == "bf16":
+                out.write("mixed precision: the step's matrix products in bf16; weights, optimiser, the rest of the "
+                          "step, evaluation and sampling in float32\n")
 
             def val_loss():
                 return split_loss(run.model, splits.tensors["val"])
