@@ -88,8 +88,10 @@ class TrainConfig:
     seed: int = setting(2147483647, "seeds the init and the batch order (the lecture's generator seed)", 0, 2**63 - 1,
                         flags=("--seed",))
     device: str = setting("cpu", "where the tensors live", choices=DEVICES, resumable=True)
-    compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on; off, op by op; "
-                           f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES,
+    compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on, always (never "
+                           "overridden); off, op by op; auto: a run of "
+                           f"{AUTO_COMPILE_STEPS:,} steps or more is compiled, raced against op by op for under a "
+                           "second at each thread count, and trains with the faster", choices=COMPILE_MODES,
                            flags=("--compile",), resumable=True)
     log_every: int = setting(10_000, "steps between log lines when the output is not a terminal", 1, 10**9,
                              flags=("--log-every",), resumable=True)
