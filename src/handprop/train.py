@@ -218,7 +218,7 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss, step=None):
 
 def compiled_step(run, examples, work_dir, out):
     """The run's compiled step (compiled.py) for the threads torch runs on now, under --compile auto the eager one
-    where a short race finds that faster (faster_step); None where compiling failed under auto (the eager step then)."""
+    where a short race finds that faster (chosen_step); None where compiling failed under auto (the eager step then)."""
     config = run.spec.train_config
     out.write("compiling the training step (once: 5 s to a minute) ... ")
 
@@ -231,7 +231,7 @@ def compiled_step(run, examples, work_dir, out):
         with signal_handler(stop):
             step = new_compiled_step(run, examples)
             out.write(f"done in {step.seconds:.0f} s\n")
-            return faster_step(run, examples, step, line_to(out)) if config.compile == "auto" else step
+            return chosen_step(run, examples, step, line_to(out))
     except Exception as e:                  # no C++ compiler, an older torch: the eager step does the same arithmetic
         interrupted = interruption(e)       # the stop, perhaps wrapped by Inductor in its own error
         if interrupted:
@@ -245,22 +245,26 @@ def compiled_step(run, examples, work_dir, out):
 
 
 def step_for_count(run, examples, say):
-    """The step for a thread count the run first switches to (threads.OnePerCount): the step compiled for it, under
-    --compile auto the eager one where a short race at this count finds that faster; say(line) reports both."""
+    """The step for a thread count the run first switches to (threads.OnePerCount): the step compiled for it, or under
+    --compile auto the eager one where a short race at this count finds that faster (chosen_step); say(line) reports
+    the compiling and the race."""
     step = new_compiled_step(run, examples)
     count = torch.get_num_threads()
     say(f"compiled the training step for {count} thread{'s' * (count > 1)} in {step.seconds:.0f} s")
-    return faster_step(run, examples, step, say) if run.spec.train_config.compile == "auto" else step
+    return chosen_step(run, examples, step, say)
 
 
-def faster_step(run, examples, compiled, say):
-    """--compile auto's step on the threads torch runs on now: compiled, or the eager step where a short race of the
-    two on the run's own tensors finds that faster (race.py: the run is left as it was); say(line) gets both rates.
+def chosen_step(run, examples, compiled, say):
+    """The step a compiled run takes on the threads torch runs on now: compiled under --compile on, never overridden;
+    under auto, compiled or the eager step, whichever a short race of the two on the run's own tensors finds faster
+    (race.py: the run is left as it was), say(line) getting both rates.
 
     The eager step made here hands the layers its batches' noise source (Layer.take_noise_from) for the rest of
     the run, which the compiled step then draws through too: each of its draws is already of the split's full width,
     the source's own shape, so it draws the very noise it draws without one."""
     config = run.spec.train_config
+    if config.compile != "auto":
+        return compiled
     eager = EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip)
     step, line = faster(compiled, eager, lambda: examples.draw(config.batch_size, run.generator),
                         schedule_for(config)(run.step), run.optimizer, run.generator, torch.get_num_threads())
