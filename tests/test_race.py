@@ -1,6 +1,9 @@
 """--compile auto races the compiled step against the eager one (race.py) and trains with the faster, exactly as
 --compile on or off would have trained."""
 
+import os
+import signal
+
 import pytest
 import torch
 from cli_runner import run_main
@@ -125,3 +128,34 @@ def test_the_compiled_mlp_races_and_trains_exactly_as_the_winner_alone(winner, a
     assert "compiling the training step" in out and f"training {winner}\n" in out and raced == [1]
     train(["-o", tmp_path / alone, *flags, "--compile", alone], capsys)
     assert_same_run(tmp_path / "auto", tmp_path / alone)
+
+
+def test_a_race_that_fails_leaves_the_run_to_train_op_by_op_as_it_would_have(tmp_path, capsys, names, monkeypatch,
+                                                                           traced_only):
+    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_STEPS", 1)
+    real = race_module.race
+
+    def failing(steps, draw, lr):           # a few steps in, the compiled step breaks
+        def broken(rows, lr, stop=False):
+            raise RuntimeError("the graph broke\nat some kernel")
+        real(steps, draw, lr)
+        return real({COMPILED: broken, EAGER: steps[EAGER]}, draw, lr)
+    monkeypatch.setattr(race_module, "race", failing)
+    flags = [*TINY_TRANSFORMER, "--max-steps", "30", "-i", names]
+    out = train(["-o", tmp_path / "auto", *flags], capsys)
+    assert "done in" in out and "\nthe compiled step failed (the graph broke): training op by op\n" in out
+    train(["-o", tmp_path / "off", *flags, "--compile", "off"], capsys)
+    assert_same_run(tmp_path / "auto", tmp_path / "off")
+
+
+def test_ctrl_c_during_the_race_stops_at_once_and_says_so(tmp_path, capsys, names, monkeypatch, traced_only):
+    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_STEPS", 1)
+
+    def interrupted(steps, draw, lr):
+        os.kill(os.getpid(), signal.SIGINT)
+        return {COMPILED: 1.0, EAGER: 1.0}
+    monkeypatch.setattr(race_module, "race", interrupted)
+    status, out, err = run_main(["train", "-o", tmp_path / "auto", *TINY_TRANSFORMER, "--max-steps", "30", "-i", names],
+                                capsys)
+    assert status == 128 + signal.SIGINT and "stopped" not in out
+    assert err == "handprop: SIGINT while racing the compiled step against op by op: nothing was saved yet\n"

@@ -221,11 +221,13 @@ def compiled_step(run, examples, work_dir, out):
     where a short race finds that faster (chosen_step); None where compiling failed under auto (the eager step then)."""
     config = run.spec.train_config
     out.write("compiling the training step (once: 5 s to a minute) ... ")
+    step = None                             # the compiled step, once compiled
 
     def stop(signum):                       # at once: a compile can take a minute, and nothing is lost
         kept = (f"the checkpoint at step {run.saved_step} is kept; {resume_hint(work_dir)}"
                 if run.saved_step is not None else "nothing was saved yet")
-        raise Interrupted(signum, f"{signal.Signals(signum).name} while compiling the training step: {kept}")
+        doing = "racing the compiled step against op by op" if step else "compiling the training step"
+        raise Interrupted(signum, f"{signal.Signals(signum).name} while {doing}: {kept}")
 
     try:
         with signal_handler(stop):
@@ -235,12 +237,13 @@ def compiled_step(run, examples, work_dir, out):
     except Exception as e:                  # no C++ compiler, an older torch: the eager step does the same arithmetic
         interrupted = interruption(e)       # the stop, perhaps wrapped by Inductor in its own error
         if interrupted:
-            out.write("stopped\n")
+            if step is None:                # the log's line "compiling ..." ends
+                out.write("stopped\n")
             raise Interrupted(interrupted.signum, str(interrupted).splitlines()[0]) from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if config.compile == "on":
             raise UserError(f"could not compile the training step ({reason}); train with --compile off") from None
-        out.write(f"failed ({reason}): training op by op\n")
+        out.write(f"{'the compiled step ' if step else ''}failed ({reason}): training op by op\n")
         return None
 
 
