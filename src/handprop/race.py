@@ -2,7 +2,7 @@
 
 The compiled step is usually the faster by far (the lecture's mlp: 6x on one thread), but not
 always: with 2 threads, Inductor's loops for mlp-fast's lookup tables (scatter-adds over the
-batch) split so badly over the threads that the eager step is several times faster. Which wins
+batch) split so badly over the threads that the eager step is faster, up to 5x. Which wins
 depends on the model, the thread count and the machine, so it is measured rather than predicted:
 once the graph is compiled, both steps train the run for a few short rounds, taking turns, and
 each one's best round counts. Every tensor the steps update, the optimiser's own numbers (AdamW's
