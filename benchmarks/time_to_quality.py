@@ -3,16 +3,20 @@
 The recipe is `handprop train --model mlp-fast` (settings.PRESETS and RECIPES): a wider MLP
 over 8 characters of context with AdamW, batch 512, warmup and cosine decay. Every run starts
 from the same init and draws the same batches. The hand-written runs are train.run_steps' step
-(forward, backward, update, all by hand, autograd off), eager ("hand") and compiled as
-`--compile on` trains ("compiled": compiling is not on the clock, and is printed); the baseline
-computes the same model's gradients with loss.backward() through the autograd twins
+(forward, backward, update, all by hand, autograd off): eager as `--compile off` trains ("hand"),
+compiled as `--compile on` trains ("compiled"), and whichever of the two `--compile auto` trains
+with ("auto": train.chosen_step's race at these threads where the run is long enough to compile,
+10,000 steps or more, else op by op); compiling and the race are not on the clock, and are printed.
+The baseline computes the same model's gradients with loss.backward() through the autograd twins
 (gradcheck.twin_forward) and updates with torch.optim.AdamW, as a plain PyTorch script would.
 The clock runs only while training: every `--eval-every` steps it stops, the full val split is
 scored, and the first time each target is reached is recorded. They take turns (`--repeats` turns each, the best time to
 each target counts), so a noisy spell hits all alike. Prints, per target, seconds and steps
-for each and how many times sooner each hand-written run gets there than autograd.
+for each, how many times sooner each hand-written run gets there than autograd, and auto's time as a
+ratio to the eager step's (the acceptance: at least 1 within noise, never slower than op by op).
 
     python benchmarks/time_to_quality.py [--threads 2] [--repeats 2] [--eval-every 100]
+    python benchmarks/time_to_quality.py --threads 2 --max-steps 10000 --only auto hand    # auto compiles and races
 """
 
 import argparse
@@ -21,14 +25,14 @@ from dataclasses import replace
 
 import torch
 
-from handprop.compiled import CompiledStep
+from handprop.compiled import compile_obstacle, compile_wanted
 from handprop.data import load_corpus
 from handprop.evaluation import split_loss
 from handprop.gradcheck import twin_forward
 from handprop.models import count_parameters, describe
 from handprop.settings import PRESETS, preset, recipe
 from handprop.step import EagerStep, schedule_for
-from handprop.train import new_run, prepare
+from handprop.train import chosen_step, new_compiled_step, new_run, prepare
 
 TARGETS = (2.10, 2.00)      # val losses; acceptance: within 5 s and 30 s of training by hand
 
@@ -52,12 +56,23 @@ def hand_trainer(run, examples):
 
 def compiled_trainer(run, examples):
     """The same step compiled (compiled.CompiledStep, as --compile on trains); compiling is not clocked."""
-    config = run.spec.train_config
     with torch.inference_mode():
-        compiled = CompiledStep(run.model, run.optimizer, examples.form.criterion(), examples, config.batch_size,
-                                config.grad_clip)
+        compiled = new_compiled_step(run, examples)
     print(f"  (compiled in {compiled.seconds:.1f} s, not counted)", flush=True)
     return trainer(run, examples, compiled)
+
+
+def auto_trainer(run, examples):
+    """The step --compile auto trains with (train.chosen_step's race, on these threads), compiled and raced unclocked;
+    op by op where the run is too short to compile."""
+    config = run.spec.train_config
+    if not compile_wanted(config, compile_obstacle(config, 1, False)):
+        print(f"  (auto: {config.max_steps} steps are too few to compile: op by op)", flush=True)
+        return hand_trainer(run, examples)
+    with torch.inference_mode():
+        compiled = new_compiled_step(run, examples)
+        step = chosen_step(run, examples, compiled, lambda line: print(f"  ({line}; not counted)", flush=True))
+    return trainer(run, examples, step)
 
 
 def autograd_trainer(run, examples):
@@ -112,7 +127,7 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="turns each; the best time to each target counts")
     p.add_argument("--eval-every", type=int, default=100, help="steps between scorings of the val split")
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
-    p.add_argument("--only", nargs="+", choices=("compiled", "hand", "autograd"), default=None,
+    p.add_argument("--only", nargs="+", choices=("compiled", "auto", "hand", "autograd"), default=None,
                    help="run only these contenders")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,7 +137,8 @@ def main():
     print(f"model {args.model}: {describe(first.spec.model_config)}, {count_parameters(first.model)} parameters")
     print(f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g}, warmup {config.warmup}, cosine over "
           f"{config.max_steps} steps; {torch.get_num_threads()} threads, best of {args.repeats} turns")
-    contenders = {"compiled": compiled_trainer, "hand": hand_trainer, "autograd": autograd_trainer}
+    contenders = {"compiled": compiled_trainer, "auto": auto_trainer, "hand": hand_trainer,
+                  "autograd": autograd_trainer}
     if args.only:
         contenders = {name: make for name, make in contenders.items() if name in args.only}
     best = {name: {} for name in contenders}
@@ -141,6 +157,8 @@ def main():
         if "autograd" in contenders and t in best["autograd"]:
             line += "".join(f" | {name} {best['autograd'][t][0] / best[name][t][0]:.2f}x sooner"
                             for name in contenders if name != "autograd" and t in best[name])
+        if {"auto", "hand"} <= contenders.keys() and t in best["auto"] and t in best["hand"]:
+            line += f" | auto: **{best['hand'][t][0] / best['auto'][t][0]:.2f}x** op by op's speed (at least 1)"
         print(line)
 
 

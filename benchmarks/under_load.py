@@ -1,8 +1,9 @@
 """Steps/s alone and beside one busy process: every model's default step with --threads auto, 1 and 2.
 
 For each model of the README's table, the step `handprop train --model NAME` takes by default (the
-compiled step where train compiles it: its recipe's runs are long enough, else op by op) is timed in
-two windows of `--seconds`: alone, then beside one busy process (`python3 -c "while True: pass"`,
+compiled step where train compiles it: its recipe's runs are long enough, else op by op; and under
+--compile auto, op by op at a thread count where the race finds that faster) is timed in two
+windows of `--seconds`: alone, then beside one busy process (`python3 -c "while True: pass"`,
 started and stopped here), which starts while the steps go on, as it would beside a real run. The
 threads are set three ways: auto (threads.choose_threads on the step's work, watched between steps
 as train.run_steps watches them, each thread count's compiled graph built before the clock starts),
@@ -37,7 +38,7 @@ from handprop.data import load_corpus
 from handprop.settings import PRESETS, preset, recipe
 from handprop.step import EagerStep
 from handprop.threads import AUTO, OnePerCount, choose_threads, step_work
-from handprop.train import new_compiled_step, new_run, prepare
+from handprop.train import chosen_step, new_compiled_step, new_run, prepare, step_for_count
 
 TABLE = ("mlp", "wavenet", "mlp-fast", "bigram", "rnn", "gru", "transformer")  # the README's table of models
 SETTINGS = (AUTO, "1", "2")
@@ -58,14 +59,18 @@ def busy_process():
 
 
 def default_step(run, examples, threads):
-    """The step train takes by default for this run on these threads, and whether it is the compiled one; every
-    thread count the run may take is compiled now, before any clock starts."""
+    """The step train takes by default for this run on these threads, and whether it compiled it (under --compile
+    auto a thread count may still take the eager step, where the race finds that faster: the log on stderr says);
+    every thread count the run may take is compiled and raced now, before any clock starts."""
     config = run.spec.train_config
     if not compile_wanted(config, compile_obstacle(config, 1, False)):
         return EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip), False
     first = threads.count
-    step = OnePerCount(new_compiled_step(run, examples), lambda: new_compiled_step(run, examples), threads,
-                       lambda line: print(line, file=sys.stderr))
+
+    def say(line):
+        print(line, file=sys.stderr)
+    step = OnePerCount(chosen_step(run, examples, new_compiled_step(run, examples), say),
+                       lambda: step_for_count(run, examples, say), threads)
     watched = threads.load is not None
     for count in set(range(1, threads.wanted + 1) if watched else ()) - {first}:
         torch.set_num_threads(count)

@@ -10,13 +10,18 @@ import pytest
 import torch
 from cli_runner import run_main
 
+from handprop import compiled as compiled_module
+from handprop import race as race_module
 from handprop import train as train_module
 from handprop.checkpoint import load_checkpoint, save_checkpoint
 from handprop.cli import main
+from handprop.compiled import CompiledStep
 from handprop.config import TrainConfig, config_from_dict
 from handprop.data import load_corpus
 from handprop.errors import UserError
+from handprop.race import COMPILED, EAGER
 from handprop.settings import preset, recipe
+from handprop.step import EagerStep
 from handprop.threads import (
     AUTO,
     FREE_SHARE,
@@ -340,14 +345,6 @@ def test_every_command_sets_the_threads_it_is_given_before_its_work(command, tra
         assert chosen.value.args == (setting,)
 
 
-@pytest.fixture(scope="module")
-def names(tmp_path_factory):
-    """The first 400 names of names.txt: short runs whose final evaluation takes no time."""
-    path = tmp_path_factory.mktemp("names") / "names.txt"
-    path.write_text("\n".join(load_corpus().items[:400]) + "\n")
-    return path
-
-
 def train_log(argv, capsys):
     status, out, err = run_main(["train", *argv], capsys)
     assert status == 0, err
@@ -457,13 +454,45 @@ def test_a_compiled_run_compiles_a_graph_per_thread_count_and_takes_the_same_ste
         assert torch.allclose(fixed[k], switched[k], rtol=1e-4, atol=1e-6), k
 
 
+def test_compile_auto_races_again_at_each_thread_count_it_takes(tmp_path, capsys, monkeypatch, names):
+    # the compiled step wins on 1 thread and loses on 2 (as mlp-fast's does): each count gets its own winner
+    monkeypatch.setattr(compiled_module, "AUTO_COMPILE_STEPS", 1)
+    raced, made = [], []
+
+    def race(steps, draw, lr):
+        raced.append(torch.get_num_threads())
+        return {COMPILED: 2.0, EAGER: 1.0} if raced[-1] == 1 else {COMPILED: 1.0, EAGER: 2.0}
+    monkeypatch.setattr(race_module, "race", race)
+
+    class Recorded(OnePerCount):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+    monkeypatch.setattr(train_module, "OnePerCount", Recorded)
+    flags = ["--max-steps", "30", "-i", names]
+    train_log(["-o", tmp_path / "fixed", *flags, "--compile", "on", "--threads", "1"], capsys)
+    assert raced == []                      # --compile on is never raced
+    scripted_threads(monkeypatch, *SWITCHING)
+    out = train_log(["-o", tmp_path / "switched", *flags], capsys)
+    assert raced == [1, 2]                  # once per count, the first time it is taken (1, 2, 1, 2 in the run)
+    assert "--compile auto on 1 thread: compiled 2 steps/s, op by op 1 steps/s: training compiled\n" in out
+    assert "compiled the training step for 2 threads in" in out
+    assert "--compile auto on 2 threads: compiled 1 steps/s, op by op 2 steps/s: training op by op\n" in out
+    steps = made[-1].steps
+    assert isinstance(steps[1], CompiledStep) and isinstance(steps[2], EagerStep)
+    (losses, fixed), (switched_losses, switched) = final_state(tmp_path / "fixed"), final_state(tmp_path / "switched")
+    assert switched_losses == pytest.approx(losses, rel=1e-5)
+    for k in fixed:                         # op by op on 2 threads rounds as the eager step does: a few ulps a step
+        assert torch.allclose(fixed[k], switched[k], rtol=1e-4, atol=1e-6), k
+
+
 def test_a_second_graph_that_fails_to_compile_keeps_the_run_on_the_first(capsys):
     said = []
     threads = Threads(1, "auto", wanted=2, cores=2, load=ScriptedLoad(), clock=Clock(), say=said.append)
 
     def fail():
         raise RuntimeError("no compiler\nmore")
-    step = OnePerCount(lambda rows, lr, stop: ("one-thread graph", rows, lr, stop), fail, threads, said.append)
+    step = OnePerCount(lambda rows, lr, stop: ("one-thread graph", rows, lr, stop), fail, threads)
     threads.set(2, "from step 7: the cores are free again")
     assert step("rows", 0.1) == ("one-thread graph", "rows", 0.1, False)
     assert (threads.count, threads.load, torch.get_num_threads()) == (1, None, 1)

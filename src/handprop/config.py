@@ -89,8 +89,10 @@ class TrainConfig:
     seed: int = setting(2147483647, "seeds the init and the batch order (the lecture's generator seed)", 0, 2**63 - 1,
                         flags=("--seed",))
     device: str = setting("cpu", "where the tensors live", choices=DEVICES, resumable=True)
-    compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on; off, op by op; "
-                           f"auto, on for runs of {AUTO_COMPILE_STEPS:,} steps or more", choices=COMPILE_MODES,
+    compile: str = setting("auto", "the training step compiled into fused C++ by Inductor: on, always (never "
+                           "overridden); off, op by op; auto: a run of "
+                           f"{AUTO_COMPILE_STEPS:,} steps or more is compiled, raced against op by op for under a "
+                           "second at each thread count, and trains with the faster", choices=COMPILE_MODES,
                            flags=("--compile",), resumable=True)
     dtype: str = setting("float32", "the training step's matrix products: float32, or bf16 (mixed precision: "
                          "bfloat16 operands, float32 weights, optimiser and the rest; transformer only); evaluation "

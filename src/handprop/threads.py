@@ -19,8 +19,9 @@ The rule, `--threads auto` (the default):
   of them are waiting to run, which counts a nice 19 process too) and drops to what is free at
   once (the barrier costs 7x), going back up only after QUIET_READINGS free readings in a row
   (a wrong 1 costs at most the 1.29x).
-Inductor writes the thread count into its kernels, so a compiled run keeps one graph per count
-(OnePerCount), compiling a second only when the run first switches.
+Inductor writes the thread count into its kernels, so a compiled run keeps one step per count
+(OnePerCount), compiling a second only when the run first switches (and, under --compile auto,
+racing it against the eager step again: which is faster depends on the count).
 """
 
 import math
@@ -332,32 +333,29 @@ def use_threads(setting, work):
 
 
 class OnePerCount:
-    """A compiled step per thread count: Inductor writes the count into the kernels it compiles (`#pragma omp
+    """A compiled run's step per thread count: Inductor writes the count into the kernels it compiles (`#pragma omp
     parallel num_threads(N)`), so a graph compiled for 2 runs 2 threads whatever torch is told later.
 
-    Calls the graph for the current count of threads, compiling it with build() the first time that count is
-    taken; if that fails, the run stays on the counts already compiled.
+    Calls the step for the current count of threads, made with build() the first time that count is taken: the
+    graph compiled for it, or under --compile auto whichever of that graph and the eager step a race at this count
+    found faster (so the choice is made per count); if build fails, the run stays on the counts it has a step for.
     """
 
-    def __init__(self, first, build, threads, say):
-        self.graphs = {threads.count: first}
-        self.build, self.threads, self.say = build, threads, say
+    def __init__(self, first, build, threads):
+        self.steps = {threads.count: first}
+        self.build, self.threads = build, threads
 
     def __call__(self, rows, lr, stop=False):
-        """step.EagerStep's call, on the graph compiled for the threads torch runs on now."""
-        if self.threads.count not in self.graphs:
+        """step.EagerStep's call, on the step for the threads torch runs on now."""
+        if self.threads.count not in self.steps:
             self.compile(self.threads.count)
-        return self.graphs[self.threads.count](rows, lr, stop)
+        return self.steps[self.threads.count](rows, lr, stop)
 
     def compile(self, count):
-        """Compile the step for count threads; if that fails, the run keeps a count it has a graph for."""
-        started = time.perf_counter()
+        """Make the step for count threads; if that fails, the run keeps a count it has a step for."""
         try:
-            self.graphs[count] = self.build()
+            self.steps[count] = self.build()
         except Exception as e:              # the first count compiled: a second failing is rare, and not fatal
-            kept = next(iter(self.graphs))
+            kept = next(iter(self.steps))
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             self.threads.pin(kept, f"from now on: compiling the step for {count} failed ({reason})")
-            return
-        self.say(f"compiled the training step for {count} thread{'s' * (count > 1)} in "
-                 f"{time.perf_counter() - started:.0f} s")

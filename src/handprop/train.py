@@ -34,6 +34,7 @@ from .memory import check_fits
 from .models import build_model, count_parameters, describe
 from .optim import make_optimizer
 from .progress import Log, Progress, wall_time
+from .race import faster
 from .settings import fit_to_corpus
 from .step import EagerStep, schedule_for
 from .stops import Interrupted, interruption, resume_hint, signal_handler, stop_at_once, stop_requests, stopped
@@ -165,19 +166,19 @@ def train(corpus, model_config, config, work_dir, resume_from=None, out=None, wo
 
             diagnostics = start_diagnostics(run.model, config, work_dir, run.step, val_loss) if world.is_main \
                 else NoDiagnostics()
-            compiled = None                 # before the first save: a failed --compile on leaves no run behind
+            step = None                     # before the first save: a failed --compile on leaves no run behind
             if wanted:
-                compiled = compiled_step(run, splits.tensors["train"], work_dir, out)
-                if compiled:                # and a graph for each other thread count the run switches to
-                    compiled = OnePerCount(compiled, lambda: new_compiled_step(run, splits.tensors["train"]),
-                                           run.threads, line_to(out))
+                step = compiled_step(run, splits.tensors["train"], work_dir, out)
+                if step:                    # and a step for each other thread count the run switches to
+                    step = OnePerCount(step, lambda: step_for_count(run, splits.tensors["train"], line_to(out)),
+                                       run.threads)
             elif config.compile == "auto" and long_enough(config):
                 out.write(f"training op by op, not compiled: {obstacle}\n")    # long enough, but it cannot be
             if run.saved_step is None:      # from step 0 on there is always a checkpoint to resume
                 run.save_latest(work_dir, val_loss(), diagnostics)
             # the loop, which saves its last step: the trained weights are on disk before the final phase
             try:
-                run_steps(run, splits, work_dir, out, diagnostics, val_loss, compiled)
+                run_steps(run, splits, work_dir, out, diagnostics, val_loss, step)
             except RankLost as e:
                 raise RankLost(f"{e} at step {run.step}; the last checkpoint (step {run.saved_step}) is kept in "
                                f"{work_dir}; {resume_hint(work_dir)}") from None
@@ -223,30 +224,61 @@ def run_steps(run, splits, work_dir, out, diagnostics, val_loss, step=None):
 
 
 def compiled_step(run, examples, work_dir, out):
-    """The run's compiled step (compiled.py), or None where compiling failed under --compile auto (the eager step
-    then)."""
+    """The run's compiled step (compiled.py) for the threads torch runs on now, under --compile auto the eager one
+    where a short race finds that faster (chosen_step); None where compiling failed under auto (the eager step then)."""
     config = run.spec.train_config
     out.write("compiling the training step (once: 5 s to a minute) ... ")
+    step = None                             # the compiled step, once compiled
 
     def stop(signum):                       # at once: a compile can take a minute, and nothing is lost
         kept = (f"the checkpoint at step {run.saved_step} is kept; {resume_hint(work_dir)}"
                 if run.saved_step is not None else "nothing was saved yet")
-        raise Interrupted(signum, f"{signal.Signals(signum).name} while compiling the training step: {kept}")
+        doing = "racing the compiled step against op by op" if step else "compiling the training step"
+        raise Interrupted(signum, f"{signal.Signals(signum).name} while {doing}: {kept}")
 
     try:
         with signal_handler(stop):
             step = new_compiled_step(run, examples)
+            out.write(f"done in {step.seconds:.0f} s\n")
+            return chosen_step(run, examples, step, line_to(out))
     except Exception as e:                  # no C++ compiler, an older torch: the eager step does the same arithmetic
         interrupted = interruption(e)       # the stop, perhaps wrapped by Inductor in its own error
         if interrupted:
-            out.write("stopped\n")
+            if step is None:                # the log's line "compiling ..." ends
+                out.write("stopped\n")
             raise Interrupted(interrupted.signum, str(interrupted).splitlines()[0]) from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if config.compile == "on":
             raise UserError(f"could not compile the training step ({reason}); train with --compile off") from None
-        out.write(f"failed ({reason}): training op by op\n")
+        out.write(f"{'the compiled step ' if step else ''}failed ({reason}): training op by op\n")
         return None
-    out.write(f"done in {step.seconds:.0f} s\n")
+
+
+def step_for_count(run, examples, say):
+    """The step for a thread count the run first switches to (threads.OnePerCount): the step compiled for it, or under
+    --compile auto the eager one where a short race at this count finds that faster (chosen_step); say(line) reports
+    the compiling and the race."""
+    step = new_compiled_step(run, examples)
+    count = torch.get_num_threads()
+    say(f"compiled the training step for {count} thread{'s' * (count > 1)} in {step.seconds:.0f} s")
+    return chosen_step(run, examples, step, say)
+
+
+def chosen_step(run, examples, compiled, say):
+    """The step a compiled run takes on the threads torch runs on now: compiled under --compile on, never overridden;
+    under auto, compiled or the eager step, whichever a short race of the two on the run's own tensors finds faster
+    (race.py: the run is left as it was), say(line) getting both rates.
+
+    The eager step made here hands the layers its batches' noise source (Layer.take_noise_from) for the rest of
+    the run, which the compiled step then draws through too: each of its draws is already of the split's full width,
+    the source's own shape, so it draws the very noise it draws without one."""
+    config = run.spec.train_config
+    if config.compile != "auto":
+        return compiled
+    eager = EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip)
+    step, line = faster(compiled, eager, lambda: examples.draw(config.batch_size, run.generator),
+                        schedule_for(config)(run.step), run.optimizer, run.generator, torch.get_num_threads())
+    say(line)
     return step
 
 
