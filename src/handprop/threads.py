@@ -10,7 +10,7 @@ The rule, `--threads auto` (the default):
 - A step gains from another thread only when each kernel has the work to share: one thread per
   WORK_PER_THREAD multiply-adds of its average matrix product (counted on one forward pass; the
   backward's products have the same sizes). Measured on 2 idle cores (benchmarks/under_load.py):
-  mlp-fast (6.2M a product) runs 1.5x faster on 2 threads and the transformer (4.2M) 1.4x, while
+  mlp-fast (6.2M a product) runs 1.5x faster on 2 threads and the transformer (4.5M) 1.4x, while
   wavenet (1.0M), the gru and rnn (0.3M) and the lecture's mlp (0.2M) run as fast or slower.
 - Never more than the cores this process may use (its CPU affinity, a cgroup's CPU quota) and,
   under torchrun, its rank's share of them; an OMP_NUM_THREADS the user set is obeyed as is.
@@ -18,7 +18,7 @@ The rule, `--threads auto` (the default):
   every WATCH_SECONDS it reads what the others take (their CPU time in /proc/stat, and how many
   of them are waiting to run, which counts a nice 19 process too) and drops to what is free at
   once (the barrier costs 7x), going back up only after QUIET_READINGS free readings in a row
-  (a wrong 1 costs at most the 1.29x).
+  (a wrong 1 costs the transformer 1.4x).
 Inductor writes the thread count into its kernels, so a compiled run keeps one step per count
 (OnePerCount), compiling a second only when the run first switches (and, under --compile auto,
 racing it against the eager step again: which is faster depends on the count).
@@ -34,10 +34,11 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import UserError
 from .layers import eval_mode
+from .packing import capacity, pack
 
 AUTO = "auto"
 MOST_THREADS = 1024                 # the largest --threads N
-WORK_PER_THREAD = 2_000_000         # multiply-adds of an average matrix product per thread: 4.2M keeps 2 busy
+WORK_PER_THREAD = 2_000_000         # multiply-adds of an average matrix product per thread: 4.5M keeps 2 busy
 FREE_SHARE = 0.25                   # a core counts as free while other processes take at most this share of it
 WATCH_SECONDS = 2.0                 # how often a run that gains from more threads reads the machine's load
 QUIET_READINGS = 2                  # free readings in a row before a run takes its threads back
@@ -122,10 +123,13 @@ def forward_products(model, X):
 
 def step_work(model, examples, batch_size):
     """The multiply-adds of a training step's average matrix product: a forward pass over a batch as wide as the
-    split's widest (every batch of the compiled step); the backward's two products for each forward one
-    (dX = dY W^T, dW = X^T dY) have its size."""
+    split's widest (every batch of the compiled step), or over the rows a packed batch computes (packing.py); the
+    backward's two products for each forward one (dX = dY W^T, dW = X^T dY) have its size."""
     rows = torch.zeros(batch_size, dtype=torch.long, device=examples.stream.device)     # any rows, padded to the width
-    work, products = forward_products(model, examples.batch(rows, padded_to=examples.width)[0])
+    X, Y = examples.batch(rows, padded_to=examples.width)
+    if model.packs:                         # any cells: the products' sizes depend on how many only
+        X, Y = pack(X, Y, torch.arange(capacity(examples, batch_size), device=X.device))
+    work, products = forward_products(model, X)
     return work // max(1, products)
 
 
