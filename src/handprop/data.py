@@ -27,6 +27,7 @@ import torch
 
 from .errors import UserError
 from .losses import IGNORED, CrossEntropy, SequenceCrossEntropy
+from .noise import uniform_noise
 from .sample import sample_sequences, sample_windows
 
 BOUNDARY = "."              # how the start/end token (index 0) is shown
@@ -466,9 +467,8 @@ class Sequences:
         every mask at an item's positions are what a batch of full width (a compiled step's) gets."""
 
         def draw(layer, shape, dtype, device):
-            full = torch.rand((shape[0], examples.width, *shape[2:]), generator=layer.generator, dtype=dtype,
-                              device=device)                # (B, width, ...)
-            return full[:, : shape[1]]                      # (B, T, ...)
+            full = uniform_noise((shape[0], examples.width, *shape[2:]), layer.generator, dtype, device)
+            return full[:, : shape[1]]                      # (B, width, ...) -> (B, T, ...)
 
         return draw
 

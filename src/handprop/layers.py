@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .noise import uniform_noise
 from .packing import Layout, Packed
 
 
@@ -460,21 +461,24 @@ GELU_CUBIC = 0.044715
 class GELU(Layer):
     """GELU (Hendrycks & Gimpel 2016) by its tanh approximation, as in GPT-2 and llm.c (not the exact erf form).
 
-    gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), PyTorch's F.gelu(x, approximate="tanh").
+    gelu(x) = 0.5 x (1 + tanh(u / 2)), u = 2 sqrt(2/pi) (x + 0.044715 x^3): PyTorch's F.gelu(x, approximate="tanh").
+
+    Computed as x sigmoid(u), the same function (0.5 (1 + tanh(u / 2)) = sigmoid(u)): torch's CPU tanh,
+    eager and compiled, takes several times as long as its sigmoid (measured: 335 against 53 us for the
+    transformer's 496 x 256), and a tenth of the compiled transformer step went to it.
     """
 
     def forward(self, x):
         self.x = x
-        inner = torch.addcmul(x, x * x, x, value=GELU_CUBIC).mul_(SQRT_2_OVER_PI)   # sqrt(2/pi) (x + 0.044715 x^3)
-        self.tanh = inner.tanh_()
-        return torch.addcmul(x, x, self.tanh).mul_(0.5)        # 0.5 x (1 + t)
+        u = torch.addcmul(x, x * x, x, value=GELU_CUBIC).mul_(2 * SQRT_2_OVER_PI)   # 2 sqrt(2/pi) (x + 0.044715 x^3)
+        self.sigmoid = u.sigmoid_()                                                 # s = 0.5 (1 + tanh(u / 2))
+        return x * self.sigmoid
 
     def backward(self, dout):
-        # d gelu/dx = 0.5 (1 + t) + (1 - t^2) * 0.5 sqrt(2/pi) x (1 + 3 * 0.044715 x^2), t the tanh above
-        x, t = self.x, self.tanh
-        slope = (x * x).mul_(3 * GELU_CUBIC).add_(1.0).mul_(x).mul_(0.5 * SQRT_2_OVER_PI)  # 0.5 x d(inner)/dx
-        sech2 = (t * t).neg_().add_(1.0)                                                # 1 - t^2
-        return (t + 1.0).mul_(0.5).addcmul_(sech2, slope).mul_(dout)
+        # d gelu/dx = s + x s (1 - s) du/dx, du/dx = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2), s the sigmoid above
+        x, s = self.x, self.sigmoid
+        slope = (x * x).mul_(3 * GELU_CUBIC).add_(1.0).mul_(x).mul_(2 * SQRT_2_OVER_PI)    # x du/dx
+        return (1.0 - s).mul_(s).mul_(slope).add_(s).mul_(dout)
 
 
 class Dropout(Layer):
@@ -516,10 +520,10 @@ class Dropout(Layer):
         return self.layout.to_rows(keep.to(x.dtype) / (1.0 - self.p))
 
     def uniform(self, shape, dtype, device):
-        """Uniform noise in [0, 1) from the layer's generator, or from its noise source when it has one."""
+        """Uniform noise in [0, 1) from the layer's generator (noise.py), or from its noise source when it has one."""
         if self.noise_source is not None:
             return self.noise_source(self, shape, dtype, device)
-        return torch.rand(shape, generator=self.generator, dtype=dtype, device=device)
+        return uniform_noise(shape, self.generator, dtype, device)
 
     def forward(self, x):
         self.mask = self.draw_mask(x) if self.training and self.p > 0 else None   # same shape as x
