@@ -9,7 +9,7 @@ from handprop.noise import LEVELS, uniform_noise
 
 def test_the_noise_takes_every_level_of_the_grid_and_nothing_else():
     noise = uniform_noise((2_000_000,), torch.Generator().manual_seed(1), torch.float64, "cpu")
-    assert 0.0 <= noise.min() and noise.max() < 1.0
+    assert noise.min() >= 0.0 and noise.max() < 1.0
     levels = noise * LEVELS
     assert torch.equal(levels, levels.round())                  # on the grid
     counts = torch.bincount(levels.long(), minlength=LEVELS)
