@@ -66,6 +66,7 @@ def default_step(run, examples, threads):
     if not compile_wanted(config, compile_obstacle(config, 1, False)):
         return EagerStep(run.model, run.optimizer, examples.form.criterion(), examples, config.grad_clip), False
     first = threads.count
+    torch.set_num_threads(first)            # Inductor compiles for the threads set now: not the last setting's
 
     def say(line):
         print(line, file=sys.stderr)

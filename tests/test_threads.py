@@ -146,7 +146,7 @@ def test_auto_obeys_omp_num_threads():
     assert threads.describe() == "threads: 1 (OMP_NUM_THREADS=1 in the environment)"
 
 
-@pytest.mark.parametrize("name", ["mlp", "wavenet", "rnn", "gru", "bigram"])
+@pytest.mark.parametrize("name", ["mlp", "rnn", "bigram"])
 def test_a_small_step_takes_one_thread_on_an_idle_machine(name):
     """Measured (benchmarks/under_load.py): these steps run as fast or faster on one thread than on two."""
     corpus = load_corpus()
@@ -158,9 +158,10 @@ def test_a_small_step_takes_one_thread_on_an_idle_machine(name):
     assert "gain nothing from a second thread" in threads.describe()
 
 
-@pytest.mark.parametrize("name, work", [("transformer", "4.27M"), ("mlp-fast", "6.19M")])
+@pytest.mark.parametrize("name, work", [("transformer", "4.27M"), ("mlp-fast", "6.19M"), ("gru", "2.64M"),
+                                        ("wavenet", "1.01M")])
 def test_a_step_of_large_products_takes_two_threads_on_two_idle_cores_and_is_watched(name, work):
-    """Measured (benchmarks/under_load.py): these steps run 1.4x and 1.5x faster on two threads than on one."""
+    """Measured (benchmarks/under_load.py): these steps run 1.15x to 1.5x faster on two threads than on one."""
     corpus = load_corpus()
     with torch.inference_mode():
         splits, run = prepare(corpus, preset(name), recipe(name), None)

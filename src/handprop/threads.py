@@ -10,8 +10,8 @@ The rule, `--threads auto` (the default):
 - A step gains from another thread only when each kernel has the work to share: one thread per
   WORK_PER_THREAD multiply-adds of its average matrix product (counted on one forward pass; the
   backward's products have the same sizes). Measured on 2 idle cores (benchmarks/under_load.py):
-  mlp-fast (6.2M a product) runs 1.5x faster on 2 threads and the transformer (4.3M) 1.4x, while
-  wavenet (1.0M), the gru and rnn (0.3M) and the lecture's mlp (0.2M) run as fast or slower.
+  the gru (2.6M a product) runs 1.5x faster on 2 threads, the transformer (4.3M) 1.3x and wavenet
+  (1.0M) 1.15x, while the rnn (0.3M), the bigram and the lecture's mlp (0.2M) run slower.
 - Never more than the cores this process may use (its CPU affinity, a cgroup's CPU quota) and,
   under torchrun, its rank's share of them; an OMP_NUM_THREADS the user set is obeyed as is.
 - A run that would take more than 1 uses them only while other processes leave the cores free:
@@ -38,7 +38,7 @@ from .packing import capacity, pack
 
 AUTO = "auto"
 MOST_THREADS = 1024                 # the largest --threads N
-WORK_PER_THREAD = 2_000_000         # multiply-adds of an average matrix product per thread: 4.3M keeps 2 busy
+WORK_PER_THREAD = 500_000           # multiply-adds of an average matrix product per thread: wavenet's 1.0M keeps 2 busy
 FREE_SHARE = 0.25                   # a core counts as free while other processes take at most this share of it
 WATCH_SECONDS = 2.0                 # how often a run that gains from more threads reads the machine's load
 QUIET_READINGS = 2                  # free readings in a row before a run takes its threads back
