@@ -18,7 +18,7 @@ The rule, `--threads auto` (the default):
   every WATCH_SECONDS it reads what the others take (their CPU time in /proc/stat, and how many
   of them are waiting to run, which counts a nice 19 process too) and drops to what is free at
   once (the barrier costs 7x), going back up only after QUIET_READINGS free readings in a row
-  (a wrong 1 costs the transformer 1.4x).
+  (a wrong 1 costs the gru 1.5x, the transformer 1.3x).
 Inductor writes the thread count into its kernels, so a compiled run keeps one step per count
 (OnePerCount), compiling a second only when the run first switches (and, under --compile auto,
 racing it against the eager step again: which is faster depends on the count).
