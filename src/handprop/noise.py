@@ -5,7 +5,7 @@ for every value: a transformer step's 9 dropout masks of 64 x 16 x 64 cells cost
 way, an eighth of its compiled step. A mask needs far less than float32's 24 bits: here each 64-bit
 draw gives four 16-bit values, so the noise lies on a grid of 2**-16 in [0, 1) and dropout's p is
 met to within 2**-16 (p = 0.3 drops with probability 19661 / 65536 = 0.300003), for about a third of
-the cost. The noise depends only on the generator's state, as torch.rand's does, on CPU and CUDA.
+the cost. The noise depends only on the generator's state, as torch.rand's does (tested on the CPU).
 """
 
 import math
